@@ -1,0 +1,289 @@
+"""The sampled classifier: W (N, D) outside autograd, a softmax over M active rows per step.
+
+Per step (``forward`` then ``sparse_step``):
+
+1. ``sampler.select`` picks the active set A (|A| = M, unique positives first) and remaps the
+   labels into 0..M-1;
+2. W[A] (M, D) is gathered to the compute device — from pinned host memory with a
+   non-blocking copy when ``offload`` is on, so accelerator memory is O(M * D), not O(N * D);
+3. the head gives logits (B, M) with its margin, cross-entropy over the remapped labels;
+4. backward fills the gradient of the features and of the leaf W[A];
+5. ``sparse_step(lr)`` applies SGD with momentum and weight decay to the rows A only:
+   ``g = grad + wd * w;  v[A] = mu * v[A] + g;  W[A] = w - lr * v[A]`` — exactly what
+   ``torch.optim.SGD(momentum=mu, dampening=0, weight_decay=wd)`` does to those rows.
+
+Lazy updates: rows not in A get nothing that step — no weight decay and no momentum
+movement (a dense SGD would still shrink them by ``lr * wd * w`` and move them by their
+momentum). Their decay and remaining momentum are simply skipped, not deferred; this is
+the per-row parameter-server semantics of the original HF-Softmax. Only rows that were
+selected at least once ever move.
+
+With ``sampler.dense`` (the ``full`` sampler) none of this applies: W is an ordinary
+``nn.Parameter`` trained by the torch optimizer and the logits cover all N classes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hf_softmax.heads import MarginHead
+from hf_softmax.samplers.base import ActiveSet, Sampler
+
+log = logging.getLogger(__name__)
+
+_EXTRA_KEYS = ("num_updates", "touched", "sampler_rng", "sampler_counters")
+
+
+@dataclass
+class HeadOutput:
+    """loss: scalar; logits: (B, M); targets: (B,) int64 in 0..M-1 on the logits' device;
+    active: the ActiveSet (ids on CPU); rows: the gathered W[A] (M, D) leaf whose ``.grad``
+    backward fills (None in dense mode or without grad)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    targets: torch.Tensor
+    active: ActiveSet
+    rows: torch.Tensor | None = None
+
+
+class SampledClassifier(nn.Module):
+    """N-way classifier whose rows live outside autograd and are updated sparsely.
+
+    W: (N, D) float32 and its momentum (N, D), plain tensors (not parameters or buffers),
+    saved in the state dict as ``weight`` and ``momentum`` with the update counter, the
+    touched-row mask and the sampler's RNG. ``offload``: W stays in host memory (pinned when
+    the compute device is CUDA); ``module.to(device)`` never moves it. Without offload,
+    ``module.to(device)`` (and ``place``) moves W and momentum with the module.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        sampler: Sampler,
+        head: MarginHead,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        offload: bool = False,
+        init_std: float = 0.01,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if sampler.num_classes != num_classes:
+            raise ValueError(
+                f"classifier: sampler has num_classes={sampler.num_classes}, expected {num_classes}"
+            )
+        if sampler.metric != head.metric:
+            raise ValueError(
+                f"classifier: sampler metric {sampler.metric!r} does not match head "
+                f"{type(head).__name__} metric {head.metric!r}"
+            )
+        if offload and sampler.dense:
+            raise ValueError("classifier: offload needs a sampled (non-dense) sampler, got 'full'")
+        self.num_classes = int(num_classes)
+        self.embedding_dim = int(embedding_dim)
+        self.sampler = sampler
+        self.head = head
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+        self.offload = bool(offload)
+        self.dense = bool(sampler.dense)
+        gen = torch.Generator().manual_seed(seed)
+        w = torch.empty(num_classes, embedding_dim).normal_(0.0, init_std, generator=gen)
+        if self.dense:
+            self.weight = nn.Parameter(w)
+            self.momentum_buffer: torch.Tensor | None = None
+        else:
+            self.weight = w  # plain attribute: outside autograd, parameters() and buffers()
+            self.momentum_buffer = torch.zeros_like(w)
+        self._touched = torch.zeros(num_classes, dtype=torch.bool)
+        self.num_updates = 0
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def metric(self) -> str:
+        return self.head.metric
+
+    # -- placement -------------------------------------------------------------------------
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
+        super()._apply(fn, recurse)
+        if not self.dense and not self.offload:
+            self.weight = fn(self.weight)
+            self.momentum_buffer = fn(self.momentum_buffer)
+        return self
+
+    def place(self, device: torch.device | str) -> None:
+        """Put W where it should live for compute on ``device``.
+
+        Non-offload: W and momentum move to ``device``. Offload: they stay in host memory,
+        pinned when ``device`` is CUDA so the per-step gathers can copy asynchronously.
+        """
+        device = torch.device(device)
+        if self.dense:
+            self.to(device)
+        elif self.offload:
+            self.weight = self.weight.to("cpu")
+            self.momentum_buffer = self.momentum_buffer.to("cpu")
+            if device.type == "cuda" and not self.weight.is_pinned():
+                self.weight = self.weight.pin_memory()
+                self.momentum_buffer = self.momentum_buffer.pin_memory()
+            self.head.to(device)
+        else:
+            self.to(device)
+
+    def _gather(self, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """ids (M,) CPU int64 -> W[ids] (M, D) on ``device``."""
+        w = self.weight
+        if w.device == device:
+            return w.index_select(0, ids.to(device))
+        if w.device.type == "cpu" and device.type == "cuda":
+            # Fresh pinned buffer from torch's caching host allocator: it records the copy's
+            # stream, so the buffer is not reused before the async copy has finished.
+            buf = torch.empty((ids.numel(), w.shape[1]), dtype=w.dtype, pin_memory=True)
+            torch.index_select(w, 0, ids, out=buf)
+            return buf.to(device, non_blocking=True)
+        return w.index_select(0, ids.to(w.device)).to(device)
+
+    # -- training --------------------------------------------------------------------------
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
+        """features (B, D), labels (B,) int64 in 0..N-1 -> HeadOutput (logits (B, M))."""
+        active = self.sampler.select(features.detach(), labels)
+        if self.dense:
+            targets = labels.to(features.device)
+            logits = self.head(features, self.weight, targets)
+            return HeadOutput(F.cross_entropy(logits, targets), logits, targets, active)
+        rows = self._gather(active.ids, features.device)
+        track = torch.is_grad_enabled()
+        leaf = rows.detach().requires_grad_(track)
+        targets = active.targets.to(features.device, non_blocking=True)
+        logits = self.head(features, leaf, targets)
+        loss = F.cross_entropy(logits, targets)
+        self._pending = (active.ids, leaf) if track else None
+        return HeadOutput(loss, logits, targets, active, leaf if track else None)
+
+    @torch.no_grad()
+    def sparse_step(self, lr: float) -> None:
+        """After backward: SGD with momentum + weight decay on the active rows only (lazy).
+
+        No-op in dense mode (the torch optimizer owns W) or when the last forward kept no
+        gradient. Call once per forward, with the learning rate of the current schedule.
+        """
+        if self.dense:
+            return
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        ids, leaf = pending
+        if leaf.grad is None:
+            return
+        w_all, v_all = self.weight, self.momentum_buffer
+        ids_w = ids.to(w_all.device)
+        grad = leaf.grad.to(w_all.device, w_all.dtype)  # offload: (M, D) device -> host
+        w = w_all.index_select(0, ids_w)  # (M, D) copies
+        g = grad.add(w, alpha=self.weight_decay) if self.weight_decay else grad
+        v = v_all.index_select(0, ids_w).mul_(self.momentum).add_(g)
+        v_all.index_copy_(0, ids_w, v)
+        w_all.index_copy_(0, ids_w, w.add_(v, alpha=-lr))
+        self._touched[ids] = True
+        self.num_updates += 1
+
+    # -- index support ---------------------------------------------------------------------
+    def snapshot_weights(self) -> np.ndarray:
+        """(N, D) float32 CPU copy of W for index building (safe to read from a thread)."""
+        return self.weight.detach().to("cpu", torch.float32, copy=True).numpy()
+
+    def pop_touched(self) -> np.ndarray:
+        """Sorted class ids updated since the last call (for an hnsw refresh); resets the mask."""
+        if self.dense:
+            return np.arange(self.num_classes, dtype=np.int64)
+        ids = torch.nonzero(self._touched).view(-1).numpy().astype(np.int64)
+        self._touched.zero_()
+        return ids
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor, chunk_size: int = 65536) -> torch.Tensor:
+        """features (B, D) -> (B,) int64 argmax over all N classes (plain logits), chunked."""
+        best = torch.full((features.shape[0],), -float("inf"), device=features.device)
+        best_ids = torch.zeros(features.shape[0], dtype=torch.int64, device=features.device)
+        w = self.weight.detach()
+        for start in range(0, self.num_classes, chunk_size):
+            rows = w[start : start + chunk_size].to(features.device, non_blocking=True)
+            value, idx = self.head.plain_logits(features, rows).max(dim=1)
+            better = value > best  # strict: ties keep the lowest id, like argmax
+            best = torch.where(better, value.to(best.dtype), best)
+            best_ids = torch.where(better, idx + start, best_ids)
+        return best_ids
+
+    # -- checkpoint ------------------------------------------------------------------------
+    def _own_keys(self) -> tuple[str, ...]:
+        return _EXTRA_KEYS if self.dense else ("weight", "momentum", *_EXTRA_KEYS)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # dense: the weight Parameter
+        if not self.dense:
+            destination[prefix + "weight"] = self.weight.detach()
+            destination[prefix + "momentum"] = self.momentum_buffer.detach()
+        s = self.sampler.state_dict()
+        destination[prefix + "num_updates"] = torch.tensor(self.num_updates, dtype=torch.int64)
+        destination[prefix + "touched"] = self._touched.clone()
+        destination[prefix + "sampler_rng"] = s["rng"].clone()
+        destination[prefix + "sampler_counters"] = torch.tensor(
+            [s["num"], s["num_selects"], s["num_fallbacks"], s["num_swaps"]], dtype=torch.int64
+        )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        own = {prefix + k: k for k in self._own_keys()}
+        found = {}
+        for key, name in own.items():
+            if key in state_dict:
+                found[name] = state_dict[key]
+            elif strict:
+                missing_keys.append(key)
+        shape = (self.num_classes, self.embedding_dim)
+        with torch.no_grad():
+            for name, target in (("weight", "weight"), ("momentum", "momentum_buffer")):
+                if name not in found:
+                    continue
+                value = found[name]
+                if tuple(value.shape) != shape:
+                    error_msgs.append(
+                        f"size mismatch for {prefix}{name}: checkpoint has {tuple(value.shape)}, "
+                        f"classifier expects {shape} (num_classes, embedding_dim)"
+                    )
+                    continue
+                getattr(self, target).copy_(value)  # keeps device and pinning
+        if "num_updates" in found:
+            self.num_updates = int(found["num_updates"])
+        if "touched" in found and found["touched"].numel() == self.num_classes:
+            self._touched.copy_(found["touched"].to(torch.bool))
+        if "sampler_rng" in found and "sampler_counters" in found:
+            num, selects, fallbacks, swaps = (int(x) for x in found["sampler_counters"])
+            self.sampler.load_state_dict(
+                {
+                    "rng": found["sampler_rng"],
+                    "num": num if not self.dense else self.num_classes,
+                    "num_selects": selects,
+                    "num_fallbacks": fallbacks,
+                    "num_swaps": swaps,
+                }
+            )
+        rest = {k: v for k, v in state_dict.items() if k not in own}
+        super()._load_from_state_dict(
+            rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
+            f"sampler={self.sampler!r}, offload={self.offload}, dense={self.dense}"
+        )

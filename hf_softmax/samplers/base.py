@@ -1,0 +1,243 @@
+"""Sampler interface and the selection logic shared by every sampler.
+
+A sampler turns a batch (features (B, D), labels (B,)) into an ``ActiveSet`` of exactly
+M = ``num`` class ids:
+
+1. the unique positives (the batch's labels), sorted;
+2. for index samplers, each feature's k = ceil((M - |P|) / B) + 1 nearest rows, ordered by
+   rank then sample (all rank-0 neighbours first), so trimming drops the deepest ranks first;
+   deduplicated, positives removed, trimmed to M - |P|;
+3. uniform random classes not yet chosen until there are exactly M.
+
+Labels are remapped into 0..M-1 (``targets``). Before the first ``swap`` an index sampler
+selects like ``random`` and logs that once.
+
+Thread model: ``build_index`` is pure (reads a snapshot, returns a new index object) and may
+run in a background thread; ``swap`` installs an index atomically (one attribute store under
+a lock); ``query`` reads the attribute once, so a swap never tears a query.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+METRICS = ("ip", "cosine")
+
+
+@dataclass
+class ActiveSet:
+    """ids: (M,) int64 global class ids, positives first, unique.
+    targets: (B,) int64 labels remapped into 0..M-1 (``ids[targets] == labels``).
+    num_positives: number of unique labels in the batch (``ids[:num_positives]``)."""
+
+    ids: torch.Tensor
+    targets: torch.Tensor
+    num_positives: int
+
+    @property
+    def num(self) -> int:
+        return int(self.ids.numel())
+
+
+class Sampler:
+    """Base class; subclasses override ``build_index`` / ``query`` (index samplers) or ``select``.
+
+    num_classes: N; num: M (active classes per step); metric: "ip" | "cosine" (must match the
+    head); seed: seeds the torch generator used for the random fill.
+    """
+
+    name: str = "base"
+    dense: bool = False
+    needs_index: bool = False
+
+    def __init__(self, num_classes: int, num: int, metric: str = "ip", seed: int = 0) -> None:
+        if metric not in METRICS:
+            raise ValueError(
+                f"sampler {self.name!r}: metric must be one of {METRICS}, got {metric!r}"
+            )
+        if num_classes < 1:
+            raise ValueError(f"sampler {self.name!r}: num_classes must be >= 1, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.metric = metric
+        self.seed = int(seed)
+        self.num = num
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self._index: Any = None
+        self._lock = threading.Lock()
+        self._warned_fallback = False
+        self.num_selects = 0
+        self.num_fallbacks = 0
+        self.num_swaps = 0
+
+    # -- M ---------------------------------------------------------------------------------
+    @property
+    def num(self) -> int:
+        return self._num
+
+    @num.setter
+    def num(self, value: int) -> None:
+        """M can change during training (``num_schedule``); it must stay in 1..N."""
+        value = int(value)
+        if not 1 <= value <= self.num_classes:
+            raise ValueError(
+                f"sampler {self.name!r}: num (M) = {value} must be in 1..num_classes "
+                f"(N = {self.num_classes})"
+            )
+        self._num = value
+
+    # -- index life cycle ------------------------------------------------------------------
+    @property
+    def index(self) -> Any:
+        """The index serving queries now (None before the first swap)."""
+        return self._index
+
+    @property
+    def has_index(self) -> bool:
+        return self._index is not None
+
+    def build_index(self, weights: np.ndarray) -> Any:
+        """weights: (N, D) float32 snapshot -> a new index. Pure: never touches ``self.index``."""
+        return None
+
+    def swap(self, index: Any) -> None:
+        """Install a built index atomically; the old one is dropped once no query holds it."""
+        with self._lock:
+            self._index = index
+            self.num_swaps += 1
+
+    def refresh(self, weights: np.ndarray, changed_ids: np.ndarray) -> Any | None:
+        """Incremental update of only ``changed_ids``; None means unsupported (rebuild instead)."""
+        return None
+
+    def query(self, features: np.ndarray, k: int) -> np.ndarray:
+        """features (B, D) float32 -> (B, k) int64 class ids, nearest first, -1 where missing."""
+        raise NotImplementedError(f"sampler {self.name!r} has no index to query")
+
+    # -- selection -------------------------------------------------------------------------
+    def select(self, features: torch.Tensor, labels: torch.Tensor) -> ActiveSet:
+        """features (B, D) (detached, any device), labels (B,) int64 -> ActiveSet on CPU."""
+        labels = labels.detach().to("cpu", torch.int64).view(-1)
+        positives, targets = torch.unique(labels, sorted=True, return_inverse=True)
+        num_pos = int(positives.numel())
+        m = self.num
+        if m < num_pos:
+            raise ValueError(
+                f"sampler {self.name!r}: num (M) = {m} is smaller than the {num_pos} unique "
+                f"labels in the batch; raise sampler.num to at least {num_pos}"
+            )
+        if num_pos and (int(positives[0]) < 0 or int(positives[-1]) >= self.num_classes):
+            raise ValueError(
+                f"sampler {self.name!r}: labels must be in 0..{self.num_classes - 1}, got "
+                f"min {int(positives[0])} max {int(positives[-1])}"
+            )
+        self.num_selects += 1
+        pos = positives.numpy()
+        chosen = pos
+        if m > num_pos and self.needs_index:
+            index_ids = self._neighbours(features, pos, m - num_pos)
+            chosen = np.concatenate([pos, index_ids])
+        fill = self._random_fill(chosen, m - chosen.size)
+        ids = torch.from_numpy(np.concatenate([chosen, fill]).astype(np.int64, copy=False))
+        return ActiveSet(ids=ids, targets=targets, num_positives=num_pos)
+
+    def _neighbours(self, features: torch.Tensor, pos: np.ndarray, want: int) -> np.ndarray:
+        """Up to ``want`` neighbour ids of the batch, not in ``pos``, rank-major order."""
+        if not self.has_index:
+            self.num_fallbacks += 1
+            if not self._warned_fallback:
+                self._warned_fallback = True
+                log.info(
+                    "sampler %r: no index built yet, selecting random classes until the "
+                    "first build",
+                    self.name,
+                )
+            return np.empty(0, dtype=np.int64)
+        feats = features.detach().to("cpu", torch.float32).numpy()
+        batch = max(feats.shape[0], 1)
+        k = min(math.ceil(want / batch) + 1, self.num_classes)
+        nbrs = self.query(np.ascontiguousarray(feats), k)  # (B, k)
+        cand = np.ascontiguousarray(nbrs.T).reshape(-1)  # rank 0 of every sample, then rank 1...
+        cand = cand[cand >= 0]
+        _, first = np.unique(cand, return_index=True)
+        cand = cand[np.sort(first)]  # dedupe, keep first occurrence (i.e. best rank)
+        cand = cand[~np.isin(cand, pos, assume_unique=True)]
+        return cand[:want].astype(np.int64, copy=False)
+
+    def _random_fill(self, chosen: np.ndarray, count: int) -> np.ndarray:
+        """``count`` distinct uniform ids from 0..N-1 not in ``chosen`` (distinct) -> (count,).
+
+        Rejection sampling (randint + isin) while the chosen set stays under half of N: cost
+        O(count + |chosen|) per step, independent of N. Near-full sets fall back to a
+        permutation of the complement, which is O(N) but only happens when N <= 2M.
+        """
+        if count <= 0:
+            return np.empty(0, dtype=np.int64)
+        n = self.num_classes
+        if 2 * (chosen.size + count) > n:
+            mask = np.ones(n, dtype=bool)
+            mask[chosen] = False
+            complement = np.flatnonzero(mask)
+            perm = torch.randperm(complement.size, generator=self.generator).numpy()
+            return complement[perm[:count]].astype(np.int64, copy=False)
+        taken = chosen
+        picked: list[np.ndarray] = []
+        need = count
+        while need > 0:
+            draw = torch.randint(n, (2 * need + 16,), generator=self.generator).numpy()
+            _, first = np.unique(draw, return_index=True)
+            draw = draw[np.sort(first)]  # distinct, still in random order
+            draw = draw[~np.isin(draw, taken, assume_unique=True)][:need]
+            picked.append(draw)
+            taken = np.concatenate([taken, draw])
+            need -= draw.size
+        return np.concatenate(picked).astype(np.int64, copy=False)
+
+    # -- checkpoint ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """RNG state and counters; never the index (it is rebuilt after loading)."""
+        return {
+            "rng": self.generator.get_state(),
+            "num": self.num,
+            "num_selects": self.num_selects,
+            "num_fallbacks": self.num_fallbacks,
+            "num_swaps": self.num_swaps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(torch.as_tensor(state["rng"], dtype=torch.uint8).cpu())
+        if "num" in state:
+            self.num = int(state["num"])
+        self.num_selects = int(state.get("num_selects", 0))
+        self.num_fallbacks = int(state.get("num_fallbacks", 0))
+        self.num_swaps = int(state.get("num_swaps", 0))
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_classes={self.num_classes}, num={self.num}, "
+            f"metric={self.metric!r}, has_index={self.has_index})"
+        )
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """(n, D) -> rows scaled to unit L2 norm (zero rows stay zero), float32."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def pad_ids(rows: list[list[int]], k: int) -> np.ndarray:
+    """Ragged neighbour lists -> (B, k) int64 padded with -1."""
+    out = np.full((len(rows), k), -1, dtype=np.int64)
+    for i, r in enumerate(rows):
+        r = r[:k]
+        out[i, : len(r)] = r
+    return out

@@ -1,0 +1,17 @@
+"""``random``: the batch's positives plus uniform random negatives (as in Partial FC).
+
+Per step: O(M) ids drawn by rejection sampling; no index, nothing to rebuild.
+"""
+
+from __future__ import annotations
+
+from hf_softmax.samplers.base import Sampler
+
+
+class RandomSampler(Sampler):
+    name = "random"
+    dense = False
+    needs_index = False
+
+    def __init__(self, num_classes: int, num: int, metric: str = "ip", seed: int = 0) -> None:
+        super().__init__(num_classes, num, metric, seed)

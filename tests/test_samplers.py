@@ -1,0 +1,224 @@
+"""Sampler invariants for every kind, ANN recall against exact top-k, hnsw refresh."""
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from hf_softmax.samplers import (
+    REBUILD_KEYS,
+    SAMPLERS,
+    build_sampler,
+    exact_topk,
+    recall_at_k,
+)
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "sampler"
+SAMPLED = ["random", "annoy", "hnsw", "exact"]
+INDEXED = ["annoy", "hnsw", "exact"]
+
+
+def clustered(n=3000, d=32, clusters=60, seed=0):
+    """Rows around cluster centres (hard negatives), plus queries near random rows."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, d)).astype(np.float32)
+    rows = centres[rng.integers(0, clusters, n)] + 0.3 * rng.normal(size=(n, d))
+    labels = rng.integers(0, n, 64)
+    queries = rows[labels] + 0.1 * rng.normal(size=(64, d))
+    return rows.astype(np.float32), torch.from_numpy(queries.astype(np.float32)), labels
+
+
+def make(name, n, num, metric="ip", **knobs):
+    cfg = yaml.safe_load((CONF / f"{name}.yaml").read_text())
+    cfg.update(num=num, **knobs)
+    return build_sampler(cfg, num_classes=n, metric=metric, seed=0)
+
+
+def check_invariants(active, labels, n, m):
+    ids = active.ids
+    assert ids.dtype == torch.int64 and ids.shape == (m,)
+    assert torch.unique(ids).numel() == m
+    assert int(ids.min()) >= 0 and int(ids.max()) < n
+    positives = torch.unique(torch.as_tensor(labels))
+    assert active.num_positives == positives.numel()
+    assert torch.equal(ids[: active.num_positives], positives)  # positives first
+    assert active.targets.dtype == torch.int64
+    assert torch.equal(ids[active.targets], torch.as_tensor(labels, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+@pytest.mark.parametrize("name", SAMPLED)
+def test_select_invariants(name, metric):
+    rows, feats, labels = clustered(n=800, d=16)
+    labels = torch.from_numpy(labels[:24])
+    labels[5] = labels[0]  # duplicate labels share a target
+    sampler = make(name, 800, 200, metric)
+    if sampler.needs_index:
+        sampler.swap(sampler.build_index(rows))
+    for _ in range(3):
+        check_invariants(sampler.select(feats[:24], labels), labels, 800, 200)
+
+
+def test_full_sampler_is_identity():
+    sampler = make("full", 50, 10)
+    assert sampler.dense and not sampler.needs_index
+    labels = torch.tensor([3, 3, 7])
+    active = sampler.select(torch.zeros(3, 4), labels)
+    assert torch.equal(active.ids, torch.arange(50)) and torch.equal(active.targets, labels)
+    assert active.num_positives == 2
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+def test_neighbours_rank_major_dedup_then_fill(metric):
+    """exact index: ids after the positives are the rank-major, deduplicated true neighbours."""
+    rows, feats, labels = clustered(n=500, d=8)
+    labels = torch.from_numpy(labels[:10])
+    m = 60
+    sampler = make("exact", 500, m, metric, chunk_size=97)
+    sampler.swap(sampler.build_index(rows))
+    active = sampler.select(feats[:10], labels)
+    check_invariants(active, labels, 500, m)
+    p = active.num_positives
+    k = math.ceil((m - p) / 10) + 1
+    nbrs = exact_topk(rows, feats[:10].numpy(), k, metric)
+    expected = []
+    for c in nbrs.T.reshape(-1).tolist():
+        if c not in expected and c not in labels.tolist():
+            expected.append(c)
+    expected = expected[: m - p]
+    assert active.ids[p : p + len(expected)].tolist() == expected
+    # duplicates across samples leave room that the random fill completes to exactly M
+
+
+def test_fill_when_index_returns_few_neighbours():
+    rows, feats, labels = clustered(n=400, d=8)
+    sampler = make("annoy", 400, 300, ntrees=1, search_k=1)  # tiny search: few results
+    sampler.swap(sampler.build_index(rows))
+    labels = torch.from_numpy(labels[:4])
+    check_invariants(sampler.select(feats[:4], labels), labels, 400, 300)
+
+
+def test_fill_near_full_and_m_equals_n():
+    sampler = make("random", 30, 30)
+    labels = torch.tensor([1, 5, 5, 29])
+    active = sampler.select(torch.zeros(4, 2), labels)
+    check_invariants(active, labels, 30, 30)
+    assert sorted(active.ids.tolist()) == list(range(30))
+
+
+def test_random_fill_at_ten_million_classes_and_uniform():
+    n = 10_000_000  # rejection sampling: no O(N) permutation per step
+    sampler = make("random", n, 1000)
+    labels = torch.randint(0, n, (256,))
+    check_invariants(sampler.select(torch.zeros(256, 2), labels), labels, n, 1000)
+    small = make("random", 20, 5)
+    counts = np.zeros(20)
+    for _ in range(1000):
+        counts[small.select(torch.zeros(1, 2), torch.tensor([0])).ids[1:].numpy()] += 1
+    assert counts[0] == 0
+    assert counts[1:].min() > 0.7 * counts[1:].mean()  # every negative drawn about equally
+
+
+@pytest.mark.parametrize("name", INDEXED)
+def test_fallback_to_random_before_first_build_logs_once(name, caplog):
+    sampler = make(name, 100, 20)
+    labels = torch.tensor([4, 9])
+    with caplog.at_level(logging.INFO, logger="hf_softmax.samplers.base"):
+        for _ in range(3):
+            check_invariants(sampler.select(torch.randn(2, 8), labels), labels, 100, 20)
+    assert sampler.num_fallbacks == 3
+    assert sum("no index built yet" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_errors_name_the_numbers():
+    with pytest.raises(ValueError, match=r"num \(M\) = 200 .*N = 100"):
+        make("random", 100, 200)
+    sampler = make("random", 100, 3)
+    with pytest.raises(ValueError, match=r"M\) = 3 is smaller than the 4 unique"):
+        sampler.select(torch.zeros(4, 2), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="labels must be in 0..99"):
+        sampler.select(torch.zeros(1, 2), torch.tensor([100]))
+    with pytest.raises(ValueError, match="valid names"):
+        build_sampler({"name": "lsh", "num": 3}, 10, "ip")
+    with pytest.raises(ValueError, match="unknown config keys \\['trees'\\]"):
+        build_sampler({"name": "annoy", "num": 3, "trees": 3}, 10, "ip")
+    with pytest.raises(ValueError, match="metric"):
+        build_sampler({"name": "random", "num": 3}, 10, "l2")
+
+
+def test_every_config_builds_and_rebuild_keys_are_present():
+    for path in sorted(CONF.glob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        assert REBUILD_KEYS <= set(cfg), path.name
+        assert cfg["num"] == 1000
+        sampler = build_sampler(cfg, num_classes=5000, metric="cosine", seed=1)
+        assert sampler.name == cfg["name"] == path.stem
+    assert set(SAMPLERS) == {"full", "random", "annoy", "hnsw", "exact"}
+
+
+def test_state_dict_restores_the_random_stream():
+    a = make("random", 1000, 50)
+    a.select(torch.zeros(2, 2), torch.tensor([1, 2]))
+    state = a.state_dict()
+    first = a.select(torch.zeros(2, 2), torch.tensor([1, 2])).ids
+    b = make("random", 1000, 50)
+    b.load_state_dict(state)
+    assert torch.equal(b.select(torch.zeros(2, 2), torch.tensor([1, 2])).ids, first)
+    assert b.num_selects == a.num_selects
+
+
+def test_exact_topk_matches_full_sort_and_pads():
+    rows, feats, _ = clustered(n=300, d=8)
+    for metric in ("ip", "cosine"):
+        w, q = torch.from_numpy(rows), feats
+        if metric == "cosine":
+            w, q = torch.nn.functional.normalize(w, dim=1), torch.nn.functional.normalize(q, dim=1)
+        ref = (q @ w.t()).argsort(dim=1, descending=True)[:, :7].numpy()
+        assert np.array_equal(exact_topk(rows, feats, 7, metric, chunk_size=64), ref)
+    padded = exact_topk(rows[:5], feats[:2], 8, "ip")
+    assert padded.shape == (2, 8) and (padded[:, 5:] == -1).all()
+    assert recall_at_k(padded[:, :5], exact_topk(rows[:5], feats[:2], 5, "ip")) == 1.0
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+@pytest.mark.parametrize(
+    "name,knobs,floor",
+    [("annoy", {"ntrees": 20, "search_k": 2000}, 0.8), ("hnsw", {"m": 16, "ef": 64}, 0.9)],
+)
+def test_ann_recall_at_10_against_exact(name, knobs, floor, metric):
+    rows, feats, _ = clustered(n=3000, d=32)
+    sampler = make(name, 3000, 100, metric, **knobs)
+    sampler.swap(sampler.build_index(rows))
+    found = sampler.query(feats.numpy(), 10)
+    assert found.shape == (64, 10) and found.dtype == np.int64
+    assert recall_at_k(found, exact_topk(rows, feats, 10, metric)) >= floor
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_hnsw_refresh_updates_only_changed_rows(in_place):
+    rows, feats, _ = clustered(n=1000, d=16)
+    sampler = make("hnsw", 1000, 50, "ip", refresh_in_place=in_place)
+    old = sampler.build_index(rows)
+    sampler.swap(old)
+    q = feats[:3].numpy()
+    before = sampler.query(q, 1)[:, 0]
+    changed = np.array([11, 222, 777])
+    new_rows = rows.copy()
+    new_rows[changed] = 50.0 * q  # each changed row becomes the top inner product of one query
+    fresh = sampler.refresh(new_rows, changed)
+    if in_place:
+        assert fresh is old
+    else:
+        assert fresh is not old
+        assert np.array_equal(sampler.query(q, 1)[:, 0], before)  # serving index untouched
+        sampler.swap(fresh)
+    assert sampler.query(q, 1)[:, 0].tolist() == changed.tolist()
+    # only the changed rows as input works too, and the other rows are as built
+    again = sampler.refresh(new_rows[changed] * 2, changed)
+    assert np.allclose(again.get_items([5])[0], rows[5])
+    # refreshing more than refresh_fraction of the rows is a full build
+    assert sampler.refresh(new_rows, np.arange(400)) is not sampler.index
