@@ -1,0 +1,415 @@
+"""HFSoftmaxModule: backbone + sampled classifier as a LightningModule, built from the Hydra cfg.
+
+One training step (manual optimization, so the sparse classifier follows the same LR):
+
+    features = backbone(images)                  # (B, D)
+    out = classifier(features, labels)          # active set A (|A| = M), logits (B, M), loss
+    backward                                     # grads to backbone params and to W[A]
+    optimizer.step()                             # SGD on the backbone (and W when dense "full")
+    classifier.sparse_step(lr)                   # SGD momentum + wd on rows A only, same lr
+    scheduler.step()                             # linear warmup, then cosine / step, per step
+
+Validation (one DataLoader per name in ``datamodule.val_names``):
+  "holdout": closed-set top-1 over all N classes (``classifier.predict``, chunked);
+  each .bin set: embeddings f(x) (+ f(flip x)) of the 2P images -> 10-fold verification
+  accuracy (``metrics.verification_metrics``), logged as ``val/<name>/acc`` etc.
+
+The checkpoint holds backbone, W, momentum (``classifier.*``), optimizer, scheduler, the
+sampler's RNG/counters and the full resolved cfg (``hyper_parameters["cfg"]``) so
+``evaluate.py`` can rebuild the backbone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from hf_softmax.backbones import build_backbone
+from hf_softmax.classifier import SampledClassifier
+from hf_softmax.heads import build_head
+from hf_softmax.metrics import verification_metrics
+from hf_softmax.samplers import SAMPLERS, build_sampler
+from hf_softmax.sharded import ShardedClassifier, use_sharded  # H7 (DDP)
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("cosine", "step", "constant")
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Seed torch, numpy and random from (seed, epoch)."""
+    value = (int(seed) * 1_000_003 + int(epoch) * 7919 + 17) % (2**32)
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN/Inf loss or classifier row; the message names the step and the sampler state."""
+
+
+def resolve_cfg(cfg: Mapping | DictConfig) -> dict[str, Any]:
+    """Full cfg -> plain dict with interpolations resolved (the ``hydra`` node is dropped).
+
+    Keys whose interpolations cannot be resolved here (``${hydra:...}`` outside a Hydra run)
+    are kept unresolved instead of failing.
+    """
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+    out: dict[str, Any] = {}
+    for key in node:
+        if key == "hydra":
+            continue
+        try:
+            value = node[key]
+            out[key] = (
+                OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+            )
+        except Exception:  # e.g. ${hydra:runtime.output_dir} without a Hydra run
+            raw = node._get_node(key)
+            out[key] = (
+                OmegaConf.to_container(raw, resolve=False) if OmegaConf.is_config(raw)
+                else str(raw._value())
+            )  # fmt: skip
+    return out
+
+
+def check_config(cfg: Mapping | DictConfig, num_classes: int | None = None) -> None:
+    """Clear errors for bad configurations before any work starts.
+
+    Without ``num_classes`` (before the data is prepared) only the static checks run.
+    """
+    sampler = cfg["sampler"]
+    name = sampler.get("name")
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r} (sampler=...); valid names: {sorted(SAMPLERS)}")
+    from hf_softmax.backbones import BACKBONES
+
+    backbone = cfg["model"].get("name")
+    if backbone not in BACKBONES:
+        raise ValueError(
+            f"unknown backbone {backbone!r} (model=...); valid names: {sorted(BACKBONES)}"
+        )
+    interval = sampler.get("interval", 1)
+    if interval is None or int(interval) < 1:
+        raise ValueError(f"sampler.interval must be >= 1 (steps between rebuilds), got {interval}")
+    num = sampler.get("num")
+    if num is None or int(num) < 1:
+        raise ValueError(f"sampler.num (M, active classes per step) must be >= 1, got {num}")
+    schedule = cfg["optim"].get("schedule", "cosine")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if num_classes is not None and not SAMPLERS[name].dense and int(num) > num_classes:
+        raise ValueError(
+            f"sampler.num = {num} exceeds the number of classes N = {num_classes} of the data "
+            f"(data.path / data.demo_kwargs); choose sampler.num <= {num_classes}"
+        )
+    batch = (cfg.get("data") or {}).get("batch_size")
+    if num_classes is not None and not SAMPLERS[name].dense and batch:
+        need = min(int(batch), num_classes)
+        if int(num) < need:
+            raise ValueError(
+                f"sampler.num = {num} is smaller than data.batch_size = {batch}: a batch can hold "
+                f"{need} distinct classes and all of them must be active; choose sampler.num "
+                f">= {need}"
+            )
+
+
+@dataclass
+class WarmupSchedule:
+    """Multiplicative LR factor per optimizer step: linear warmup, then cosine/step/constant.
+
+    Picklable (LambdaLR saves its __dict__ in the checkpoint).
+    """
+
+    total_steps: int
+    warmup_steps: int = 0
+    warmup_start_factor: float = 0.01
+    schedule: str = "cosine"
+    milestones: list[int] = field(default_factory=list)  # in steps
+    gamma: float = 0.1
+    min_lr_factor: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            s = self.warmup_start_factor
+            return s + (1.0 - s) * step / self.warmup_steps
+        if self.schedule == "cosine":
+            span = max(1, self.total_steps - self.warmup_steps)
+            t = min(1.0, (step - self.warmup_steps) / span)
+            return self.min_lr_factor + (1 - self.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * t))
+        if self.schedule == "step":
+            return self.gamma ** sum(step >= m for m in self.milestones)
+        return 1.0
+
+
+class HFSoftmaxModule(pl.LightningModule):
+    """cfg: the full train config (model, head, sampler, optim, classifier, validation, seed).
+
+    num_classes: N, from the DataModule after ``prepare_data()``.
+    """
+
+    def __init__(self, cfg: Mapping | DictConfig, num_classes: int) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        cfg = resolve_cfg(cfg)
+        check_config(cfg, num_classes)
+        self.save_hyperparameters({"cfg": cfg, "num_classes": int(num_classes)})
+        self.cfg = cfg
+        self.num_classes = int(num_classes)
+        seed = self.seed = int(cfg.get("seed", 0) or 0)
+        model_cfg = dict(cfg["model"])
+        self.backbone = build_backbone(**model_cfg)
+        head_cfg = dict(cfg["head"])
+        head = build_head(head_cfg.pop("name"), **head_cfg)
+        optim, ccfg = cfg["optim"], cfg.get("classifier", {}) or {}
+        classifier_kw = dict(
+            num_classes=self.num_classes,
+            embedding_dim=int(model_cfg["embedding_dim"]),
+            head=head,
+            momentum=float(optim["momentum"]),
+            weight_decay=float(optim["weight_decay"]),
+            offload=bool(ccfg.get("offload", False)),
+            init_std=float(ccfg.get("init_std", 0.01)),
+            seed=seed,
+        )
+        # H7 (DDP): under a DDP strategy the classifier is split by class over the ranks
+        # (hf_softmax/sharded.py); its shard and per-shard sampler are built on first use.
+        self.sharded = use_sharded(cfg)
+        if self.sharded:
+            self.classifier = ShardedClassifier(
+                num=int(cfg["sampler"]["num"]), sampler=cfg["sampler"], **classifier_kw
+            )
+        else:
+            sampler = build_sampler(cfg["sampler"], self.num_classes, head.metric, seed)
+            self.classifier = SampledClassifier(sampler=sampler, **classifier_kw)
+        self.skip_nonfinite = bool(cfg.get("skip_nonfinite", False))
+        self.nonfinite_skipped = 0
+        vcfg = cfg.get("validation", {}) or {}
+        self.val_flip = bool(vcfg.get("flip", True))
+        self.val_nfolds = int(vcfg.get("nfolds", 10))
+        self.predict_chunk = int(ccfg.get("predict_chunk", 65536))
+        self._last_step_time: float | None = None
+        self._first_epoch_of_fit = False
+        self._val: dict[str, Any] = {}
+
+    # -- placement -------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self.classifier.place(self.device)
+        self._first_epoch_of_fit = True
+
+    def on_validation_start(self) -> None:
+        self.classifier.place(self.device)
+
+    def on_test_start(self) -> None:
+        self.classifier.place(self.device)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) -> embeddings (B, D)."""
+        return self.backbone(images)
+
+    # -- optimisation ----------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.cfg["optim"]
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(
+            params,
+            lr=float(o["lr"]),
+            momentum=float(o["momentum"]),
+            weight_decay=float(o["weight_decay"]),
+        )
+        total = int(o.get("total_steps") or self.trainer.estimated_stepping_batches)
+        per_epoch = self.trainer.num_training_batches
+        if not per_epoch or per_epoch == float("inf"):
+            epochs = max(1, int(self.trainer.max_epochs or 1))
+            per_epoch = max(1, total // epochs)
+        schedule = WarmupSchedule(
+            total_steps=total,
+            warmup_steps=int(o.get("warmup_steps", 0) or 0),
+            warmup_start_factor=float(o.get("warmup_start_factor", 0.01)),
+            schedule=str(o.get("schedule", "cosine")),
+            milestones=[int(round(float(e) * per_epoch)) for e in (o.get("milestones") or [])],
+            gamma=float(o.get("gamma", 0.1)),
+            min_lr_factor=float(o.get("min_lr_factor", 0.0)),
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _sampler_state(self) -> str:
+        s = self.classifier.sampler
+        return (
+            f"sampler {s.name!r} (M={s.num}, N={s.num_classes}, metric={s.metric}, "
+            f"has_index={getattr(s, 'has_index', None)}, selects={getattr(s, 'num_selects', '?')}, "
+            f"swaps={getattr(s, 'num_swaps', '?')})"
+        )
+
+    def _nonfinite(self, what: str, batch_idx: int) -> None:
+        msg = (
+            f"non-finite {what} at global step {self.global_step} (epoch {self.current_epoch}, "
+            f"batch {batch_idx}); {self._sampler_state()}"
+        )
+        if not self.skip_nonfinite:
+            raise NonFiniteError(msg + "; set skip_nonfinite=true to skip such steps")
+        self.nonfinite_skipped += 1
+        log.warning("%s: step skipped (%d so far)", msg, self.nonfinite_skipped)
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor] | None:
+        images, labels = batch[0], batch[1]
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        lr = float(opt.param_groups[0]["lr"])  # this step's lr, shared with the sparse rows
+        features = self.backbone(images)  # (B, D)
+        out = self.classifier(features, labels)
+        loss = out.loss
+        if not bool(torch.isfinite(loss)):
+            self._nonfinite(f"loss ({float(loss)})", batch_idx)
+            opt.zero_grad(set_to_none=True)
+            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
+            return None
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        clip = self.cfg["optim"].get("grad_clip")
+        if clip:
+            self.clip_gradients(opt, gradient_clip_val=float(clip), gradient_clip_algorithm="norm")
+        opt.step()
+        self.classifier.sparse_step(lr)
+        sched.step()
+        # H7 (DDP): a sharded output's active ids are global; its rows are indexed locally
+        local_ids = getattr(out, "local_ids", None)
+        self._check_rows(out.active.ids if local_ids is None else local_ids, batch_idx)
+
+        now = time.perf_counter()
+        bsz = int(labels.shape[0])
+        with torch.no_grad():
+            acc = getattr(out, "accuracy", None)  # H7 (DDP): top-1 over all ranks' classes
+            if acc is None:
+                acc = (out.logits.argmax(1) == out.targets.to(out.logits.device)).float().mean()
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True,
+                 batch_size=bsz)  # fmt: skip
+        self.log("train/acc", acc, prog_bar=True, on_step=True, on_epoch=True, batch_size=bsz)
+        self.log("lr", lr, on_step=True, on_epoch=False, batch_size=bsz)
+        self.log("train/active_size", float(out.active.ids.numel()), on_step=True,
+                 on_epoch=False, batch_size=bsz)  # fmt: skip
+        if self._last_step_time is not None:
+            dt = max(now - self._last_step_time, 1e-9)
+            self.log("train/samples_per_s", bsz / dt, on_step=True, on_epoch=False,
+                     batch_size=bsz)  # fmt: skip
+        self._last_step_time = now
+        # features / active_ids: for callbacks (recall probe of IndexRebuild) and tests
+        return {"loss": loss.detach(), "features": features.detach(), "active_ids": out.active.ids}
+
+    def _check_rows(self, ids: torch.Tensor, batch_idx: int) -> None:
+        weight = getattr(self.classifier, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            return
+        with torch.no_grad():
+            rows = weight[ids.to(weight.device)]
+            if not bool(torch.isfinite(rows).all()):
+                bad = ids[~torch.isfinite(rows).all(dim=1).cpu()][:10].tolist()
+                self._nonfinite(f"classifier rows {bad}", batch_idx)
+
+    def on_train_epoch_start(self) -> None:
+        self._last_step_time = None  # do not count data-loader start-up as step time
+        # Data order and flips come from the global RNGs (the DataLoader iterator draws its
+        # seeds when it is created and on its first batch). Reseeding from (seed, epoch) and
+        # creating the epoch's iterator right after makes every epoch's batches independent of
+        # history, so a run resumed at an epoch boundary sees the same batches as one that
+        # never stopped. Lightning creates the first iterator of a fit before this hook
+        # (while estimating the schedule length), so that one is re-created here.
+        seed_epoch(self.seed, self.current_epoch)
+        if self._first_epoch_of_fit:
+            self._first_epoch_of_fit = False
+            fetcher = getattr(self.trainer.fit_loop, "_data_fetcher", None)
+            if fetcher is not None and getattr(fetcher, "_combined_loader", None) is not None:
+                iter(fetcher)
+
+    # -- validation ------------------------------------------------------------------------
+    def _val_name(self, dataloader_idx: int) -> str:
+        dm = getattr(self.trainer, "datamodule", None)
+        names = list(getattr(dm, "val_names", []) or [])
+        return names[dataloader_idx] if dataloader_idx < len(names) else f"val{dataloader_idx}"
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = {}
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, second = batch[0], batch[1]
+        name = self._val_name(dataloader_idx)
+        if name == "holdout":  # second: labels (B,)
+            pred = self.classifier.predict(self.backbone(images), chunk_size=self.predict_chunk)
+            correct = (pred.to(second.device) == second).sum().item()
+            acc = self._val.setdefault(name, [0, 0])
+            acc[0] += int(correct)
+            acc[1] += int(second.numel())
+            return
+        emb = self.backbone(images)  # (B, D); second: image index in the .bin (B,)
+        if self.val_flip:
+            emb = emb + self.backbone(torch.flip(images, dims=[3]))
+        store = self._val.setdefault(name, ([], []))
+        store[0].append(second.detach().to("cpu", torch.int64))
+        store[1].append(emb.detach().float().cpu())
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        if self.trainer.world_size <= 1:
+            return t
+        g = self.all_gather(t.to(self.device))  # (W, n, ...) - DistributedSampler pads to equal n
+        return g.reshape(-1, *t.shape[1:]).cpu()
+
+    def on_validation_epoch_end(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        sets = getattr(dm, "verification_sets", {}) or {}
+        for name, value in self._val.items():
+            if name == "holdout":
+                counts = self._gather(torch.tensor([value], dtype=torch.float64)).sum(0)
+                self.log("val/holdout/top1", float(counts[0] / max(counts[1], 1)))
+                continue
+            if name not in sets:
+                log.warning("no verification set %r in the datamodule; skipped", name)
+                continue
+            index = self._gather(torch.cat(value[0]))
+            emb = self._gather(torch.cat(value[1]))
+            metrics = self.verification(emb, index, np.asarray(sets[name].issame, dtype=bool))
+            for key, v in metrics.items():
+                self.log(f"val/{name}/{key}", float(v), prog_bar=(key == "acc"))
+        self._val = {}
+
+    def verification(
+        self, emb: torch.Tensor, index: torch.Tensor, issame: np.ndarray
+    ) -> dict[str, float]:
+        """emb (n, D) of images ``index`` (n,) of a .bin with issame (P,) -> metrics.
+
+        Pairs with an image missing (partial validation runs) are left out.
+        """
+        num_pairs = len(issame)
+        full = torch.zeros(2 * num_pairs, emb.shape[1])
+        seen = torch.zeros(2 * num_pairs, dtype=torch.bool)
+        full[index] = emb
+        seen[index] = True
+        ok = (seen[0::2] & seen[1::2]).numpy()
+        if ok.sum() < 2:
+            return {}
+        e1, e2 = full[0::2][ok].numpy(), full[1::2][ok].numpy()
+        return verification_metrics(e1, e2, issame[ok], nfolds=self.val_nfolds)
+
+    # -- checkpoint ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["hf_softmax"] = {"nonfinite_skipped": self.nonfinite_skipped}
+        # H7 (DDP): a sharded classifier keeps its samplers' state in its own (consolidated)
+        # state dict; one rank's sampler state here would be wrong for other world sizes.
+        if not self.sharded:
+            checkpoint["hf_softmax"]["sampler"] = self.classifier.sampler.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("hf_softmax") or {}
+        if "sampler" in state and not self.sharded:  # H7 (DDP)
+            self.classifier.sampler.load_state_dict(state["sampler"])
+        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))

@@ -1,0 +1,131 @@
+"""Every option of every config group composes (hydra.compose) and instantiates cheaply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from hf_softmax.backbones import BACKBONES, build_backbone
+from hf_softmax.heads import build_head
+from hf_softmax.module import check_config
+from hf_softmax.samplers import build_sampler
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+GROUPS = ["data", "model", "head", "sampler", "trainer", "logger", "callbacks", "experiment"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_train(overrides: list[str], tmp_path: Path) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        cfg.paths.runs_dir = str(tmp_path)
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert options(group), f"conf/{group}/ is empty"
+    assert set(options("sampler")) == {"full", "random", "annoy", "hnsw", "exact"}
+    assert {"cpu", "gpu", "ddp"} <= set(options("trainer"))
+    assert {"default", "wandb", "csv", "none"} <= set(options("logger"))
+    assert "ms1m_iresnet50" in options("experiment")
+
+
+def test_defaults(tmp_path):
+    cfg = compose_train([], tmp_path)
+    assert cfg.data.demo is True and cfg.sampler.name == "annoy" and cfg.model.name == "tiny"
+    assert cfg.trainer.accelerator == "cpu"
+    assert set(cfg.logger) == {"wandb", "csv"}
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "hf_softmax.sweep.SweepSummary"
+    assert cfg.trainer.plugins[0]._target_ == "hf_softmax.checkpoint_io.AtomicCheckpointIO"
+    check_config(cfg, num_classes=2000)
+
+
+@pytest.mark.parametrize(
+    "group,option", [(g, o) for g in GROUPS if g != "experiment" for o in options(g)]
+)
+def test_group_option_composes_and_instantiates(group, option, tmp_path, mxnet_rec_dir):
+    overrides = [f"{group}={option}"]
+    if group == "data" and option != "demo":
+        overrides.append(f"data.path={mxnet_rec_dir}")
+    cfg = compose_train(overrides, tmp_path)
+    node = cfg[group]
+    if group == "data":
+        dm = instantiate(node)
+        assert isinstance(dm, pl.LightningDataModule)
+    elif group == "model":
+        assert node.name in BACKBONES
+        if node.name in ("tiny", "iresnet18", "mobilefacenet"):  # the big ones take seconds
+            net = build_backbone(**node)
+            assert net.embedding_dim == node.embedding_dim
+    elif group == "head":
+        kw = dict(node)
+        head = build_head(kw.pop("name"), **kw)
+        assert head.metric in ("ip", "cosine")
+    elif group == "sampler":
+        s = build_sampler(node, num_classes=2000, metric="cosine", seed=0)
+        assert s.name == option and s.num == (2000 if s.dense else node.num)
+        check_config(cfg, num_classes=2000)
+    elif group == "trainer":
+        assert node._target_ == "pytorch_lightning.Trainer"
+        if node.accelerator == "cpu":
+            trainer = instantiate(node, logger=False, enable_checkpointing=False)
+            assert isinstance(trainer, pl.Trainer)
+        else:  # no GPU here: check what the GPU configs promise instead
+            assert node.precision in ("bf16-mixed", "32-true")
+            assert instantiate(node.plugins[0]).__class__.__name__ == "AtomicCheckpointIO"
+    elif group == "logger":
+        loggers = [instantiate(c) for c in (node or {}).values()]
+        assert {type(x).__name__ for x in loggers} <= {"WandbLogger", "CSVLogger"}
+        if option == "none":
+            assert not loggers
+    elif group == "callbacks":
+        cbs = [instantiate(c) for c in node.values()]
+        names = {type(c).__name__ for c in cbs}
+        assert {"ModelCheckpoint", "IndexRebuild"} <= names
+        rebuild = next(c for c in cbs if type(c).__name__ == "IndexRebuild")
+        assert rebuild.interval == cfg.sampler.interval
+
+
+@pytest.mark.parametrize("option", options("experiment"))
+def test_experiment_composes(option, tmp_path, mxnet_rec_dir):
+    cfg = compose_train([f"experiment={option}", f"data.path={mxnet_rec_dir}"], tmp_path)
+    if option == "ms1m_iresnet50":
+        assert cfg.model.name == "iresnet50" and cfg.model.embedding_dim == 512
+        assert cfg.model.input_size == 112 and cfg.data.image_size == 112
+        assert cfg.data.batch_size == 128 and cfg.optim.lr == 0.1
+        assert cfg.trainer.max_epochs == 20
+        assert cfg.head.name in ("arcface", "cosface") and cfg.sampler.name == "hnsw"
+        assert cfg.data._target_ == "data.datamodule.RecordDataModule" and not cfg.data.demo
+    check_config(cfg)
+    instantiate(cfg.data)
+
+
+def test_experiment_null_and_cli_overrides(tmp_path):
+    cfg = compose_train(["~experiment", "sampler=hnsw", "sampler.num=1000"], tmp_path)
+    assert cfg.sampler.name == "hnsw" and cfg.sampler.num == 1000
+    demo = compose_train(["sampler=hnsw"], tmp_path)
+    assert demo.sampler.num == 200  # the demo experiment's M applies to every sampler
+
+
+def test_bad_names_fail_with_valid_list(tmp_path):
+    cfg = compose_train(["sampler.name=lsh"], tmp_path)
+    with pytest.raises(ValueError, match="valid names"):
+        check_config(cfg)
+    cfg = compose_train(["sampler.interval=0"], tmp_path)
+    with pytest.raises(ValueError, match="interval"):
+        check_config(cfg)

@@ -1,0 +1,218 @@
+"""HFSoftmaxModule: real training steps on the tiny MXNet-written .rec (tests/fixtures/mxnet_rec).
+
+Loss goes down, only the active rows move (with torch SGD's update on those rows), the LR
+schedule, non-finite handling and what the checkpoint holds.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+
+from data.datamodule import RecordDataModule
+from hf_softmax.module import HFSoftmaxModule, NonFiniteError, WarmupSchedule, check_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_cfg(sampler: str = "annoy", head: str = "cosface", **optim) -> dict:
+    conf = REPO / "conf"
+    cfg = OmegaConf.create(
+        {
+            "seed": 0,
+            "model": OmegaConf.load(conf / "model/tiny.yaml"),
+            "head": OmegaConf.load(conf / f"head/{head}.yaml"),
+            "sampler": OmegaConf.load(conf / f"sampler/{sampler}.yaml"),
+            "optim": {
+                "lr": 0.05,
+                "momentum": 0.9,
+                "weight_decay": 5e-4,
+                "warmup_steps": 0,
+                "schedule": "constant",
+                **optim,
+            },  # fmt: skip
+            "classifier": {"offload": False},
+            "validation": {"flip": True, "nfolds": 10},
+        }
+    )
+    cfg.model.embedding_dim = 32
+    cfg.head.scale = 16.0  # moderate logits: a few steps on 58 images must show progress
+    cfg.sampler.num = 8
+    cfg.sampler.background = False
+    return OmegaConf.to_container(cfg)
+
+
+@pytest.fixture
+def rec_dm(mxnet_rec_dir) -> RecordDataModule:
+    dm = RecordDataModule(
+        path=str(mxnet_rec_dir), batch_size=8, image_size=32, bins=["pairs"], val_batch_size=16
+    )
+    dm.prepare_data()
+    return dm
+
+
+class Record(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.active: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+        self.active.append(outputs["active_ids"].clone())
+
+
+def trainer(steps: int, callbacks=(), **kw) -> pl.Trainer:
+    kw.setdefault("limit_val_batches", 0)
+    return pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        **kw,
+    )
+
+
+def test_loss_decreases_on_tiny_rec(rec_dm):
+    from callbacks.index_rebuild import IndexRebuild
+
+    module = HFSoftmaxModule(make_cfg("annoy", lr=0.1), rec_dm.num_classes)
+    rec = Record()
+    # 58 images, 19 classes, batch 8: 7 steps per epoch, 4 epochs
+    trainer(-1, [rec, IndexRebuild(interval=5)], max_epochs=4).fit(module, datamodule=rec_dm)
+    assert len(rec.losses) == 28
+    first, last = sum(rec.losses[:7]) / 7, sum(rec.losses[-7:]) / 7
+    assert last < 0.8 * first, rec.losses
+
+
+def test_only_active_rows_move_like_torch_sgd(rec_dm):
+    module = HFSoftmaxModule(make_cfg("random", momentum=0.0, weight_decay=0.0),
+                             rec_dm.num_classes)  # fmt: skip
+    w0 = module.classifier.weight.clone()
+    grads = {}
+
+    class Grab(pl.Callback):  # the row gradient of the step, before sparse_step consumes it
+        def on_after_backward(self, trainer, pl_module):
+            ids, leaf = pl_module.classifier._pending
+            grads["ids"], grads["g"] = ids.clone(), leaf.grad.clone()
+
+    rec = Record()
+    trainer(1, [rec, Grab()]).fit(module, datamodule=rec_dm)
+    w1 = module.classifier.weight
+    moved = torch.nonzero((w1 != w0).any(dim=1)).view(-1)
+    active = rec.active[0]
+    assert active.numel() == 8
+    assert set(moved.tolist()) <= set(active.tolist())  # untouched rows wait (lazy)
+    assert len(moved) > 0
+    # plain SGD on the active rows with the schedule's lr (no momentum / wd here)
+    expected = w0[grads["ids"]] - 0.05 * grads["g"]
+    torch.testing.assert_close(w1[grads["ids"]], expected)
+
+
+def test_validation_metrics(rec_dm):
+    rec_dm.val_fraction = 0.0
+    module = HFSoftmaxModule(make_cfg("exact"), rec_dm.num_classes)
+    t = trainer(2, limit_val_batches=1.0, limit_train_batches=2, max_epochs=1)
+    t.fit(module, datamodule=rec_dm)
+    metrics = t.callback_metrics
+    assert 0.0 <= float(metrics["val/pairs/acc"]) <= 1.0
+    assert {"val/pairs/acc_std", "val/pairs/auc", "val/pairs/tar@far=1e-3"} <= set(metrics)
+
+
+def test_holdout_top1_uses_predict_over_all_classes(rec_dm):
+    module = HFSoftmaxModule(make_cfg("random"), rec_dm.num_classes)
+    images = torch.randn(4, 3, 32, 32)
+    feats = module.backbone.eval()(images)
+    w = module.classifier.weight
+    cos = torch.nn.functional.normalize(feats) @ torch.nn.functional.normalize(w).t()
+    assert torch.equal(module.classifier.predict(feats, chunk_size=5), cos.argmax(1))
+
+
+def test_nonfinite_loss_stops_naming_step_and_sampler(rec_dm):
+    module = HFSoftmaxModule(make_cfg("random"), rec_dm.num_classes)
+    module.classifier.weight[:] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"global step 0 .*sampler 'random'"):
+        trainer(3).fit(module, datamodule=rec_dm)
+
+
+def test_skip_nonfinite_counts(rec_dm):
+    cfg = make_cfg("random")
+    cfg["skip_nonfinite"] = True
+    module = HFSoftmaxModule(cfg, rec_dm.num_classes)
+    module.classifier.weight[:] = float("inf")
+    trainer(2, max_epochs=1, limit_train_batches=2).fit(module, datamodule=rec_dm)
+    assert module.nonfinite_skipped == 2
+
+
+def test_warmup_cosine_step_schedules():
+    s = WarmupSchedule(total_steps=110, warmup_steps=10, warmup_start_factor=0.0,
+                       schedule="cosine", min_lr_factor=0.1)  # fmt: skip
+    assert s(0) == 0.0 and s(5) == pytest.approx(0.5) and s(10) == pytest.approx(1.0)
+    assert s(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert s(110) == pytest.approx(0.1) and s(500) == pytest.approx(0.1)
+    st = WarmupSchedule(total_steps=100, schedule="step", milestones=[20, 50], gamma=0.1)
+    assert [st(0), st(19), st(20), st(49), st(50)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+
+
+def test_sparse_step_uses_scheduled_lr(rec_dm):
+    cfg = make_cfg("random", momentum=0.0, weight_decay=0.0, warmup_steps=4,
+                   warmup_start_factor=0.25, schedule="constant")  # fmt: skip
+    module = HFSoftmaxModule(cfg, rec_dm.num_classes)
+    seen = []
+
+    class Grab(pl.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            ids, leaf = pl_module.classifier._pending
+            seen.append((ids.clone(), leaf.grad.clone(), pl_module.classifier.weight.clone()))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            ids, g, w_before = seen[-1]
+            lr = 0.05 * (0.25 + 0.75 * batch_idx / 4)
+            torch.testing.assert_close(pl_module.classifier.weight[ids], w_before[ids] - lr * g)
+
+    trainer(2, [Grab()], max_epochs=1, limit_train_batches=2).fit(module, datamodule=rec_dm)
+    assert len(seen) == 2
+
+
+def test_checkpoint_holds_cfg_backbone_and_classifier(rec_dm, tmp_path):
+    cfg = make_cfg("annoy")
+    module = HFSoftmaxModule(cfg, rec_dm.num_classes)
+    t = trainer(2, default_root_dir=tmp_path)
+    t.fit(module, datamodule=rec_dm)
+    path = tmp_path / "m.ckpt"
+    t.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["hyper_parameters"]["cfg"]["model"] == cfg["model"]
+    keys = set(ckpt["state_dict"])
+    assert {"classifier.weight", "classifier.momentum"} <= keys
+    assert any(k.startswith("backbone.") for k in keys)
+    loaded = HFSoftmaxModule.load_from_checkpoint(path)
+    torch.testing.assert_close(loaded.classifier.weight, module.classifier.weight)
+    torch.testing.assert_close(loaded.classifier.momentum_buffer, module.classifier.momentum_buffer)
+    assert loaded.classifier.sampler.state_dict()["num_selects"] == 2
+
+
+def test_check_config_errors():
+    cfg = make_cfg("annoy")
+    with pytest.raises(ValueError, match=r"exceeds the number of classes N = 5"):
+        check_config(cfg, num_classes=5)
+    bad = make_cfg("annoy")
+    bad["sampler"]["interval"] = 0
+    with pytest.raises(ValueError, match="interval must be >= 1"):
+        check_config(bad)
+    bad = make_cfg("annoy")
+    bad["sampler"]["name"] = "lsh"
+    with pytest.raises(ValueError, match=r"unknown sampler 'lsh'.*annoy"):
+        check_config(bad)
+    bad = make_cfg("annoy")
+    bad["model"]["name"] = "resnet9000"
+    with pytest.raises(ValueError, match=r"unknown backbone 'resnet9000'.*iresnet50"):
+        check_config(bad)
+    check_config(make_cfg("full"), num_classes=5)  # dense: M is unused

@@ -1,0 +1,147 @@
+"""Train a face-recognition backbone with HF-Softmax (sampled softmax over M active classes).
+
+    python train.py                                   # demo data, annoy sampler, CPU, ~minutes
+    python train.py sampler=hnsw sampler.num=1000
+    python train.py data=rec data.path=/data/faces_emore trainer=gpu experiment=ms1m_iresnet50
+    python train.py ckpt_path=last                    # resume the newest run (or a .ckpt path)
+    python train.py -m sampler=annoy sampler.ntrees=10,50,100   # sweep -> multirun/.../summary.md
+
+Config: conf/train.yaml and its groups. Returns (for sweeps) the final verification accuracy
+on the first .bin set (or ``optimized_metric``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("WANDB_MODE", "offline")  # never reach the network unless asked to
+
+import hydra  # noqa: E402
+import pytorch_lightning as pl  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+log = logging.getLogger("train")
+
+
+def resolve_ckpt_path(value: str | None, output_dir: Path, runs_dir: Path | None) -> str | None:
+    """``ckpt_path`` -> a checkpoint file or None.
+
+    ``last``: ``<output_dir>/checkpoints/last.ckpt`` if present, else the newest
+    ``**/checkpoints/last.ckpt`` under ``runs_dir`` (None, with a warning, if there is none).
+    Anything else must be an existing file.
+    """
+    if value in (None, "", "null"):
+        return None
+    if str(value) == "last":
+        own = output_dir / "checkpoints" / "last.ckpt"
+        if own.is_file():
+            return str(own)
+        found = sorted(runs_dir.glob("**/checkpoints/last.ckpt")) if runs_dir else []
+        found = [p for p in found if p.is_file()]
+        if not found:
+            log.warning("ckpt_path=last: no checkpoints/last.ckpt under %s; training from scratch",
+                        runs_dir)  # fmt: skip
+            return None
+        newest = max(found, key=lambda p: p.stat().st_mtime)
+        log.info("ckpt_path=last -> %s", newest)
+        return str(newest)
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={value}: no such checkpoint file")
+    return str(path)
+
+
+def _instantiate_all(node: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a dict node (callbacks, loggers)."""
+    out = []
+    if not node:
+        return out
+    for _, conf in node.items():
+        if isinstance(conf, DictConfig) and "_target_" in conf:
+            out.append(hydra.utils.instantiate(conf))
+    return out
+
+
+def _check_trainer_cfg(cfg: DictConfig) -> None:
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if precision in ("16", "16-mixed") and cfg.sampler.name != "full":
+        raise ValueError(
+            f"trainer.precision={precision} scales the loss, and the scaled gradients would reach "
+            "the sparse classifier update; use bf16-mixed or 32-true"
+        )
+
+
+def train(cfg: DictConfig) -> float:
+    """Build data, module, callbacks, loggers and trainer from ``cfg``; fit; return the metric."""
+    from hf_softmax.module import HFSoftmaxModule, check_config
+
+    t_start = time.perf_counter()
+    check_config(cfg)  # names, interval, schedule: before any work
+    _check_trainer_cfg(cfg)
+    pl.seed_everything(int(cfg.seed), workers=True)
+    if cfg.get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.torch_threads))
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()  # demo: generates it once (cached); learns num_classes
+    num_classes = int(datamodule.num_classes)
+    check_config(cfg, num_classes)
+    log.info("data ready (%d classes) after %.1fs", num_classes, time.perf_counter() - t_start)
+
+    module = HFSoftmaxModule(cfg, num_classes)
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar then
+        from pytorch_lightning.callbacks.progress import ProgressBar
+
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers if loggers else False
+    )
+    output_dir = Path(cfg.paths.output_dir)
+    runs_dir = cfg.paths.get("runs_dir")
+    ckpt_path = resolve_ckpt_path(
+        cfg.get("ckpt_path"), output_dir, Path(runs_dir) if runs_dir else None
+    )
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    ckpt_cb = trainer.checkpoint_callback
+    saved = getattr(ckpt_cb, "last_model_path", "") or getattr(ckpt_cb, "best_model_path", "")
+    if not saved:  # e.g. fast_dev_run disables checkpoint callbacks
+        saved = str(output_dir / "checkpoints" / "final.ckpt")
+        trainer.save_checkpoint(saved)
+
+    metric_name = cfg.get("optimized_metric")
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if not metric_name:
+        names = [n for n in getattr(datamodule, "val_names", []) if n != "holdout"]
+        metric_name = f"val/{names[0]}/acc" if names else "val/holdout/top1"
+    if metric_name not in metrics and trainer.limit_val_batches:
+        results = trainer.validate(module, datamodule=datamodule, verbose=False)
+        for r in results:
+            metrics.update({k: float(v) for k, v in r.items()})
+    value = metrics.get(metric_name, float("nan"))
+
+    elapsed = time.perf_counter() - t_start
+    summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("val/"))
+    print(f"checkpoint: {saved}")
+    print(f"validation: {summary or '(none)'}")
+    print(f"final {metric_name} = {value:.4f}  ({trainer.global_step} steps, {elapsed:.0f}s)")
+    return value
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
