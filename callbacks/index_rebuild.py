@@ -253,10 +253,11 @@ class IndexRebuild(pl.Callback):
         for s, m in self.num_schedule:
             if s <= step:
                 num = m
-        sampler = self._classifier(pl_module).sampler
-        if num is not None and num != sampler.num:
-            log.info("num_schedule: active-set size M %d -> %d at step %d", sampler.num, num, step)
-            sampler.num = num
+        # The classifier's M: under DDP the global M that ShardedClassifier splits over ranks.
+        classifier = self._classifier(pl_module)
+        if num is not None and num != classifier.num:
+            log.info("num_schedule: M %d -> %d at step %d", classifier.num, num, step)
+            classifier.num = num
 
     # -- Lightning hooks -------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -112,6 +112,15 @@ class SampledClassifier(nn.Module):
     def metric(self) -> str:
         return self.head.metric
 
+    @property
+    def num(self) -> int:
+        """M, active classes per step (the sampler's; ShardedClassifier has the same knob)."""
+        return self.sampler.num
+
+    @num.setter
+    def num(self, value: int) -> None:
+        self.sampler.num = value
+
     # -- placement -------------------------------------------------------------------------
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
         super()._apply(fn, recurse)
