@@ -52,7 +52,7 @@ def trained(tmp_path_factory) -> dict:
             f"paths.output_dir={run}",
             f"paths.runs_dir={run}",
             "logger=none",
-            "+trainer.fast_dev_run=2",
+            "trainer.fast_dev_run=2",
             "data.batch_size=16",
             "data.val_fraction=0.2",
             "sampler.num=24",

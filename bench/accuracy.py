@@ -1,0 +1,369 @@
+"""Accuracy retention: sampled softmax vs full softmax on a task where hard negatives decide.
+
+Task (feature level, hierarchical): N classes in families of ``family`` look-alikes. Each
+family has a unit centre; each class adds a private offset of norm ``fine``; an input is
+its class centre plus isotropic noise (``noise`` = expected noise norm) in ``input_dim``
+dimensions. Telling families apart is easy; telling the classes *within* a family apart is
+what the model has to learn, and the only negatives that teach it are the siblings — the
+classes whose rows lie nearest to the feature. Random sampling at M/N = 1% sees a sibling
+as a negative in ~1% of the steps; an index sampler sees all of them.
+
+Model: a trainable projection (Linear, input_dim -> dim) + the real ``SampledClassifier``
+(linear head) with each sampler; rebuilds through the real ``IndexRebuild`` callback
+(blocking, every ``interval`` steps, so the wall time includes them). ``full`` is the dense
+``SampledClassifier`` (W an nn.Parameter) trained by ``torch.optim.SGD`` with momentum.
+Same steps, batch, learning rate and data order for every run. Top-1 = argmax over all N on
+held-out samples (``SampledClassifier.predict``).
+
+    python -m bench.accuracy --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+# Before torch loads OpenMP (see bench.head_speed).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    fmt_count,
+    fmt_seconds,
+    loadavg,
+    markdown_table,
+    pyplot,
+    sampler_config,
+    save_figure,
+    setup_logging,
+    write_json,
+)
+from hf_softmax.classifier import SampledClassifier  # noqa: E402
+from hf_softmax.heads import build_head  # noqa: E402
+from hf_softmax.samplers import build_sampler  # noqa: E402
+
+log = logging.getLogger("bench.accuracy")
+
+FRACTIONS = (0.005, 0.01, 0.05)
+SAMPLERS = ("full", "random", "annoy", "hnsw")
+CHOICES = (*SAMPLERS, "exact")
+
+
+@dataclass
+class TaskConfig:
+    num_classes: int = 10_000
+    family: int = 10
+    input_dim: int = 64
+    dim: int = 64
+    fine: float = 0.5
+    noise: float = 0.5
+    batch: int = 25
+    steps: int = 2000
+    lr: float = 0.1
+    interval: int = 20
+    eval_every: int = 250
+    test_size: int = 5000
+    head: str = "cosface"
+    scale: float = 30.0
+    margin: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class RunResult:
+    sampler: str
+    fraction: float | None
+    num: int
+    top1: float
+    family_top1: float
+    wall_s: float
+    rebuild_s: float
+    curve: list[dict[str, float]] = field(default_factory=list)  # step, seconds, top1
+    knobs: dict[str, Any] = field(default_factory=dict)
+
+
+class Task:
+    """Class centres (N, input_dim) and a sampler of (inputs, labels) batches."""
+
+    def __init__(self, cfg: TaskConfig) -> None:
+        self.cfg = cfg
+        g = torch.Generator().manual_seed(cfg.seed)
+        n_fam = math.ceil(cfg.num_classes / cfg.family)
+        fam = torch.randn(n_fam, cfg.input_dim, generator=g)
+        fam = fam / fam.norm(dim=1, keepdim=True)
+        off = torch.randn(cfg.num_classes, cfg.input_dim, generator=g)
+        off = off / off.norm(dim=1, keepdim=True)
+        fam_of = torch.arange(cfg.num_classes) // cfg.family
+        self.centres = fam[fam_of] + cfg.fine * off  # (N, input_dim)
+        tg = torch.Generator().manual_seed(cfg.seed + 1)
+        self.test_labels = torch.randint(0, cfg.num_classes, (cfg.test_size,), generator=tg)
+        self.test_inputs = self.sample(self.test_labels, tg)
+
+    def sample(self, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """labels (B,) -> inputs (B, input_dim)."""
+        c = self.centres[labels]
+        scale = self.cfg.noise / math.sqrt(self.cfg.input_dim)
+        return c + scale * torch.randn(c.shape, generator=gen)
+
+
+class _Host(nn.Module):
+    def __init__(self, classifier: SampledClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+
+def train_one(task: Task, sampler_name: str, fraction: float | None) -> RunResult:
+    cfg = task.cfg
+    n = cfg.num_classes
+    num = n if fraction is None else max(int(round(fraction * n)), 2 * cfg.batch)
+    torch.manual_seed(cfg.seed)
+    proj = nn.Linear(cfg.input_dim, cfg.dim)
+    head = build_head(cfg.head, scale=cfg.scale, margin=cfg.margin)
+    # One build thread: the 25-sample queries gain nothing from threads, and a lean hnsw
+    # build (m=8, ef_construction=40) keeps 100 rebuilds per run affordable.
+    knobs: dict[str, Any] = {"n_jobs": 1} if sampler_name == "annoy" else {}
+    if sampler_name == "hnsw":
+        knobs = {"num_threads": 1, "m": 8, "ef_construction": 40}
+    sampler = build_sampler(sampler_config(sampler_name, num, **knobs), n, head.metric, cfg.seed)
+    clf = SampledClassifier(n, cfg.dim, sampler, head, seed=cfg.seed)
+    params = list(proj.parameters()) + (list(clf.parameters()) if sampler.dense else [])
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+    host = _Host(clf)
+    trainer = SimpleNamespace(global_step=0, training=False)
+    cb = None
+    if sampler.needs_index:
+        from callbacks.index_rebuild import IndexRebuild
+
+        # full rebuilds: an hnsw refresh of ~20% of the rows costs more than a build
+        # (see the index-cost table)
+        cb = IndexRebuild(interval=cfg.interval, background=False, refresh=False)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)  # same data order for every run
+    curve: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    eval_s = 0.0
+    if cb is not None:
+        cb.on_train_start(trainer, host)
+    for step in range(cfg.steps):
+        if cb is not None:
+            cb.on_train_batch_start(trainer, host, None, step)
+        labels = torch.randint(0, n, (cfg.batch,), generator=gen)
+        x = task.sample(labels, gen)
+        out = clf(proj(x), labels)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        clf.sparse_step(cfg.lr)
+        trainer.global_step += 1
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            te = time.perf_counter()
+            top1, _ = evaluate(task, proj, clf)
+            eval_s += time.perf_counter() - te
+            curve.append(
+                {"step": step + 1, "seconds": time.perf_counter() - t0 - eval_s, "top1": top1}
+            )
+    wall = time.perf_counter() - t0 - eval_s
+    top1, fam1 = evaluate(task, proj, clf)
+    rebuild_s = sum(r["seconds"] for r in cb.records()) if cb is not None else 0.0
+    res = RunResult(sampler_name, fraction, num, top1, fam1, wall, rebuild_s, curve, knobs)
+    log.info(
+        "%s M=%d: top1 %.4f (family %.4f) in %.1fs (rebuilds %.1fs)",
+        sampler_name,
+        num,
+        top1,
+        fam1,
+        wall,
+        rebuild_s,
+    )
+    return res
+
+
+@torch.no_grad()
+def evaluate(task: Task, proj: nn.Module, clf: SampledClassifier) -> tuple[float, float]:
+    """Held-out top-1 (argmax over all N) and the top-1 of the family only."""
+    feats = proj(task.test_inputs)
+    pred = clf.predict(feats)
+    top1 = (pred == task.test_labels).float().mean().item()
+    fam = task.cfg.family
+    fam1 = ((pred // fam) == (task.test_labels // fam)).float().mean().item()
+    return top1, fam1
+
+
+def run(
+    quick: bool = False,
+    samplers: tuple[str, ...] = SAMPLERS,
+    fractions: tuple[float, ...] = FRACTIONS,
+    **overrides: Any,
+) -> dict[str, Any]:
+    cfg = TaskConfig() if quick else TaskConfig(num_classes=100_000, batch=250, steps=4000)
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(cfg, k, v)
+    t_start = time.perf_counter()
+    load_before = loadavg()
+    task = Task(cfg)
+    results: list[RunResult] = []
+    if "full" in samplers:
+        results.append(train_one(task, "full", None))
+    for frac in fractions:
+        for s in samplers:
+            if s != "full":
+                results.append(train_one(task, s, frac))
+    return {
+        "results": [asdict(r) for r in results],
+        "meta": {
+            "quick": quick,
+            "task": asdict(cfg),
+            "seconds": time.perf_counter() - t_start,
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_before": load_before,
+            "loadavg_after": loadavg(),
+        },
+    }
+
+
+def summary(data: dict[str, Any], fraction: float = 0.01) -> dict[str, Any]:
+    """Target check at M/N = ``fraction``: gaps to full and to random (points of top-1)."""
+    res = data["results"]
+    full = next((r for r in res if r["sampler"] == "full"), None)
+    at = {r["sampler"]: r for r in res if r["fraction"] == fraction}
+    out: dict[str, Any] = {"fraction": fraction, "full": full["top1"] if full else None}
+    for s in ("annoy", "hnsw"):
+        if s in at and full is not None:
+            gap_full = 100 * (full["top1"] - at[s]["top1"])
+            gap_rand = 100 * (at[s]["top1"] - at["random"]["top1"]) if "random" in at else None
+            out[s] = {
+                "top1": at[s]["top1"],
+                "below_full_points": gap_full,
+                "above_random_points": gap_rand,
+                "met": gap_full <= 1.0 and (gap_rand is None or gap_rand > 0),
+            }
+    if "random" in at:
+        out["random"] = at["random"]["top1"]
+    return out
+
+
+def render(data: dict[str, Any]) -> str:
+    t = data["meta"]["task"]
+    rows = []
+    for r in data["results"]:
+        rows.append(
+            {
+                **r,
+                "frac": "100% (dense)" if r["fraction"] is None else f"{r['fraction']:.1%}",
+                "top1_pct": 100 * r["top1"],
+                "fam_pct": 100 * r["family_top1"],
+                "rebuild_s": r["rebuild_s"] if r["sampler"] not in ("full", "random") else None,
+            }
+        )
+    cols = [
+        ("frac", "M/N", None),
+        ("num", "M", None),
+        ("sampler", "sampler", None),
+        ("top1_pct", "held-out top-1 %", lambda x: f"{x:.2f}"),
+        ("fam_pct", "family top-1 %", lambda x: f"{x:.2f}"),
+        ("wall_s", "train wall time", fmt_seconds),
+        ("rebuild_s", "of which index builds", fmt_seconds),
+    ]
+    p1, p2 = plot(data)
+    return "\n".join(
+        [
+            f"N = {fmt_count(t['num_classes'])} classes in families of {t['family']} "
+            f"(class offset {t['fine']} around unit family centres, input noise {t['noise']}), "
+            f"input dim {t['input_dim']}, embedding Linear({t['input_dim']}→{t['dim']}) + "
+            f"`{t['head']}` head (scale {t['scale']}, margin {t['margin']}); {t['steps']} steps "
+            f"of B = {t['batch']} (same data order for "
+            f"every run), SGD lr {t['lr']}, momentum 0.9, wd 5e-4; index rebuilt (blocking) "
+            f"every {t['interval']} steps by `IndexRebuild` (full builds; annoy "
+            f"ntrees 10, hnsw m 8 / ef_construction 40 / ef 64, one build thread). "
+            f"Top-1 over all N classes on "
+            f"{t['test_size']} held-out samples; *family top-1* counts a sibling as right "
+            f"(what random sampling already learns). B is small because M/N = 0.5% of "
+            f"{fmt_count(t['num_classes'])} leaves M = "
+            f"{max(int(round(0.005 * t['num_classes'])), 2 * t['batch'])} active classes.",
+            "",
+            markdown_table(rows, cols),
+            "",
+            f"![accuracy vs steps]({p1.name}) ![accuracy vs time]({p2.name})",
+        ]
+    )
+
+
+def plot(data: dict[str, Any]):
+    plt = pyplot()
+    paths = []
+    for xkey, xlabel, name in (
+        ("step", "training step", "accuracy_vs_steps.png"),
+        ("seconds", "wall time (s, incl. index builds)", "accuracy_vs_time.png"),
+    ):
+        fracs = sorted({r["fraction"] for r in data["results"] if r["fraction"] is not None})
+        fig, axes = plt.subplots(1, len(fracs), figsize=(5 * len(fracs), 4), squeeze=False)
+        full = next((r for r in data["results"] if r["sampler"] == "full"), None)
+        for ax, frac in zip(axes[0], fracs, strict=True):
+            runs = [r for r in data["results"] if r["fraction"] == frac]
+            if full is not None:
+                runs = [full, *runs]
+            for r in runs:
+                xs = [c[xkey] for c in r["curve"]]
+                ys = [100 * c["top1"] for c in r["curve"]]
+                ax.plot(xs, ys, marker=".", label=r["sampler"])
+            ax.set_title(f"M/N = {frac:.1%}")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("held-out top-1 (%)")
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+        paths.append(save_figure(fig, name))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="N = 1e4")
+    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=CHOICES)
+    p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
+    p.add_argument("--n", type=int, dest="num_classes")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--fine", type=float)
+    p.add_argument("--noise", type=float)
+    p.add_argument("--head", choices=["linear", "cosface", "arcface"])
+    p.add_argument("--interval", type=int)
+    p.add_argument("--scale", type=float)
+    p.add_argument("--margin", type=float)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", default="accuracy")
+    args = p.parse_args(argv)
+    setup_logging()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = run(
+        quick=args.quick,
+        samplers=tuple(args.samplers),
+        fractions=tuple(args.fractions),
+        num_classes=args.num_classes,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        fine=args.fine,
+        noise=args.noise,
+        head=args.head,
+        interval=args.interval,
+        scale=args.scale,
+        margin=args.margin,
+    )
+    write_json(args.out, data)
+    print(render(data))
+    print(summary(data))
+    return data
+
+
+if __name__ == "__main__":
+    main()

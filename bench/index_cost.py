@@ -1,0 +1,395 @@
+"""Index cost: build / refresh time and recall@k against exact, and background-build stalls.
+
+- annoy with ntrees in {10, 50, 100}: build time, query time (B = 256), recall@k;
+- hnsw: full build, then incremental ``refresh`` after 1% and 10% of the rows moved
+  (recall against exact top-k of the *moved* weights, next to the stale index's recall);
+- background rebuild: the real ``callbacks.index_rebuild.IndexRebuild`` (background: true)
+  rebuilding while the main thread keeps taking real training steps of the real
+  ``SampledClassifier`` (select, gather, forward/backward, sparse update); reports the
+  longest step seen while the build ran against the median step without a build.
+
+Weights: families of nearby class vectors (``bench.common.family_rows``); queries: features
+near the rows of random labels. N up to 10^6 (full mode), 10^5 with ``--quick``.
+
+    python -m bench.index_cost --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from types import SimpleNamespace
+from typing import Any
+
+# Before torch loads OpenMP (see bench.head_speed).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    family_rows,
+    features_near,
+    fmt_count,
+    fmt_seconds,
+    free_memory,
+    loadavg,
+    markdown_table,
+    pyplot,
+    sampler_config,
+    save_figure,
+    setup_logging,
+    write_json,
+)
+from hf_softmax.classifier import SampledClassifier  # noqa: E402
+from hf_softmax.heads import build_head  # noqa: E402
+from hf_softmax.samplers import build_sampler, exact_topk, recall_at_k  # noqa: E402
+
+log = logging.getLogger("bench.index_cost")
+
+METRIC = "ip"  # the linear head's metric (bench.head_speed uses the linear head too)
+LR = 0.1
+
+
+def _queries(w: np.ndarray, count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, w.shape[0], count)
+    return np.ascontiguousarray(features_near(w, labels, noise=0.5, rng=rng))
+
+
+def _time_query(sampler: Any, q: np.ndarray, k: int, repeats: int = 3) -> tuple[float, np.ndarray]:
+    times, found = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        found = sampler.query(q, k)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), found
+
+
+def annoy_rows(w: np.ndarray, q: np.ndarray, truth: np.ndarray, k: int, ntrees_list) -> list:
+    rows = []
+    for ntrees in ntrees_list:
+        s = build_sampler(sampler_config("annoy", 1000, ntrees=ntrees), w.shape[0], METRIC)
+        t0 = time.perf_counter()
+        s.swap(s.build_index(w))
+        build = time.perf_counter() - t0
+        qt, found = _time_query(s, q, k)
+        rows.append(
+            {
+                "index": f"annoy ntrees={ntrees}",
+                "N": w.shape[0],
+                "op": "full build",
+                "seconds": build,
+                "query_s": qt,
+                "recall": recall_at_k(found, truth),
+            }
+        )
+        log.info("%s", rows[-1])
+        del s
+        free_memory()
+    return rows
+
+
+def hnsw_rows(
+    w: np.ndarray, q: np.ndarray, truth: np.ndarray, k: int, fractions, seed: int = 0
+) -> list:
+    n = w.shape[0]
+    s = build_sampler(sampler_config("hnsw", 1000), n, METRIC)
+    t0 = time.perf_counter()
+    s.swap(s.build_index(w))
+    build = time.perf_counter() - t0
+    qt, found = _time_query(s, q, k)
+    knobs = f"m={s.m}, ef_construction={s.ef_construction}, ef={s.ef}"
+    rows = [
+        {
+            "index": f"hnsw {knobs}",
+            "N": n,
+            "op": "full build",
+            "seconds": build,
+            "query_s": qt,
+            "recall": recall_at_k(found, truth),
+        }
+    ]
+    log.info("%s", rows[-1])
+    base_index = s.index
+    rng = np.random.default_rng(seed + 7)
+    for frac in fractions:
+        changed = np.sort(rng.choice(n, int(frac * n), replace=False))
+        moved = w.copy()
+        # a training-like move: each changed row drifts by ~50% of its norm
+        step = rng.standard_normal((changed.size, w.shape[1]), dtype=np.float32)
+        step *= 0.5 * np.linalg.norm(w[changed], axis=1, keepdims=True) / np.sqrt(w.shape[1])
+        moved[changed] += step
+        # queries where training is: features of the classes whose rows moved
+        labels = rng.choice(changed, q.shape[0])
+        q = np.ascontiguousarray(features_near(moved, labels, noise=0.5, rng=rng))
+        truth2 = exact_topk(moved, q, k, METRIC)
+        s.swap(base_index)
+        stale = recall_at_k(s.query(q, k), truth2)
+        t0 = time.perf_counter()
+        fresh = s.refresh(moved, changed)
+        seconds = time.perf_counter() - t0
+        s.swap(fresh)
+        qt, found = _time_query(s, q, k)
+        rows.append(
+            {
+                "index": f"hnsw {knobs}",
+                "N": n,
+                "op": f"refresh {frac:.0%} of rows",
+                "seconds": seconds,
+                "query_s": qt,
+                "recall": recall_at_k(found, truth2),
+                "stale_recall": stale,
+            }
+        )
+        log.info("%s", rows[-1])
+        del moved, fresh
+        free_memory()
+    del s
+    free_memory()
+    return rows, base_index
+
+
+class _Host(nn.Module):
+    """The attribute the IndexRebuild callback reads from the LightningModule."""
+
+    def __init__(self, classifier: SampledClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+
+def background_stall(
+    name: str,
+    w: np.ndarray,
+    batch: int = 256,
+    num: int = 1000,
+    baseline_steps: int = 30,
+    seed: int = 0,
+    refresh_fraction: float | None = None,
+    prebuilt: Any = None,
+) -> dict[str, Any]:
+    """Steps in the main thread while IndexRebuild(background=True) rebuilds in its thread.
+
+    ``refresh_fraction``: for hnsw, touch that fraction of rows first so the callback takes
+    its incremental-refresh path; None = a full build. ``prebuilt``: an index already built
+    over ``w`` (by the tables above) installed instead of the callback's synchronous first
+    build, which would only repeat that build.
+    """
+    from callbacks.index_rebuild import IndexRebuild
+
+    n, d = w.shape
+    head = build_head("linear")
+    sampler = build_sampler(sampler_config(name, num), n, head.metric, seed)
+    clf = SampledClassifier(n, d, sampler, head, seed=seed)
+    clf.weight.copy_(torch.from_numpy(w))
+    host = _Host(clf)
+    trainer = SimpleNamespace(global_step=0, training=False)
+    interval = 10**9  # rebuilds only when this benchmark says so
+    cb = IndexRebuild(interval=interval, background=True)
+    if prebuilt is None:
+        cb.on_train_start(trainer, host)  # synchronous first build
+    else:
+        sampler.swap(prebuilt)
+        clf.pop_touched()
+        cb._active = True  # what on_train_start sets after its first build
+    rng = np.random.default_rng(seed + 3)
+    pool = []
+    for _ in range(8):
+        labels = rng.integers(0, n, batch)
+        feats = features_near(w, labels, noise=0.5, rng=rng)
+        pool.append((torch.from_numpy(feats), torch.from_numpy(labels)))
+
+    def step(i: int) -> float:
+        """One training step including the callback's batch-start hook (where swaps happen)."""
+        t0 = time.perf_counter()
+        cb.on_train_batch_start(trainer, host, None, i)
+        f, y = pool[i % len(pool)]
+        out = clf(f.detach().requires_grad_(True), y)
+        out.loss.backward()
+        clf.sparse_step(LR)
+        trainer.global_step += 1
+        return time.perf_counter() - t0
+
+    for i in range(3):
+        step(i)
+    base = [step(i) for i in range(baseline_steps)]
+    if refresh_fraction is not None:
+        clf.pop_touched()
+        touched = rng.choice(n, int(refresh_fraction * n), replace=False)
+        clf._touched[torch.from_numpy(touched)] = True  # rows "updated since the last build"
+    # trigger: the next step is a scheduled rebuild
+    trainer.global_step = interval
+    during: list[float] = []
+    t_start = time.perf_counter()
+    i = 0
+    builds_before = cb.builds + cb.refreshes
+    while True:
+        during.append(step(i))
+        i += 1
+        if cb.builds + cb.refreshes > builds_before and not cb.busy:
+            break
+        if time.perf_counter() - t_start > 1800:
+            raise TimeoutError(f"background {name} build did not finish in 30 min")
+    wall = time.perf_counter() - t_start
+    after = [step(i + j) for j in range(10)]
+    rec = cb.records()[-1]
+    base_med = float(np.median(base))
+    res = {
+        "index": name,
+        "N": n,
+        "kind": rec["kind"],
+        "build_s": rec["seconds"],
+        "wall_s": wall,
+        "steps_during": len(during),
+        "base_step_s": base_med,
+        "median_during_s": float(np.median(during)),
+        "max_during_s": float(np.max(during)),
+        "first_step_s": during[0],
+        "swap_step_s": during[-1],
+        "median_after_s": float(np.median(after)),
+        "stall_s": float(np.max(during)) - base_med,
+    }
+    res["stall_in_steps"] = res["stall_s"] / base_med
+    res["met"] = res["stall_s"] <= base_med
+    log.info("%s", res)
+    return res
+
+
+def run(quick: bool = False, sizes: list[int] | None = None, dim: int = 256) -> dict[str, Any]:
+    sizes = sizes or ([100_000] if quick else [100_000, 1_000_000])
+    k = 10
+    t_start = time.perf_counter()
+    load_before = loadavg()
+    rows: list[dict[str, Any]] = []
+    background: list[dict[str, Any]] = []
+    for n in sizes:
+        w = family_rows(n, dim, scale=0.05)
+        q = _queries(w, 256, seed=11)
+        truth = exact_topk(w, q, k, METRIC)
+        t0 = time.perf_counter()
+        exact = build_sampler(sampler_config("exact", 1000), n, METRIC)
+        exact.swap(exact.build_index(w))
+        eb = time.perf_counter() - t0
+        qt, found = _time_query(exact, q, k)
+        rows.append(
+            {
+                "index": "exact (copy of W)",
+                "N": n,
+                "op": "full build",
+                "seconds": eb,
+                "query_s": qt,
+                "recall": recall_at_k(found, truth),
+            }
+        )
+        del exact
+        rows += annoy_rows(w, q, truth, k, (10, 50, 100))
+        hrows, hnsw_index = hnsw_rows(w, q, truth, k, (0.01, 0.10))
+        rows += hrows
+        if n == sizes[-1]:
+            background.append(background_stall("annoy", w))
+            background.append(
+                background_stall("hnsw", w, refresh_fraction=0.10, prebuilt=hnsw_index)
+            )
+        del hnsw_index
+        del w
+        free_memory()
+    return {
+        "rows": rows,
+        "background": background,
+        "meta": {
+            "quick": quick,
+            "dim": dim,
+            "k": k,
+            "queries": 256,
+            "metric": METRIC,
+            "seconds": time.perf_counter() - t_start,
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_before": load_before,
+            "loadavg_after": loadavg(),
+        },
+    }
+
+
+def render(data: dict[str, Any]) -> str:
+    meta = data["meta"]
+    cols = [
+        ("N", "N", fmt_count),
+        ("index", "index", None),
+        ("op", "operation", None),
+        ("seconds", "time", fmt_seconds),
+        ("query_s", "query (256 features)", fmt_seconds),
+        ("recall", f"recall@{meta['k']}", lambda x: f"{x:.3f}"),
+        ("stale_recall", "recall before refresh", lambda x: f"{x:.3f}"),
+    ]
+    bcols = [
+        ("N", "N", fmt_count),
+        ("index", "index", None),
+        ("kind", "rebuild", None),
+        ("build_s", "build time", fmt_seconds),
+        ("steps_during", "steps during build", None),
+        ("base_step_s", "median step (no build)", fmt_seconds),
+        ("median_during_s", "median step (during)", fmt_seconds),
+        ("first_step_s", "trigger step (snapshot, thread start)", fmt_seconds),
+        ("max_during_s", "longest step (during)", fmt_seconds),
+        ("stall_s", "stall = longest − median", fmt_seconds),
+        ("stall_in_steps", "stall / step", lambda x: f"{x:.1f}"),
+    ]
+    plot_path = plot(data["rows"])
+    return "\n".join(
+        [
+            f"D = {meta['dim']}, metric `{meta['metric']}`, {meta['queries']} query features "
+            f"near random classes, recall@{meta['k']} against `exact_topk`. Refresh rows: the "
+            f"changed rows drift by ~50% of their norm and the queries are features of those "
+            f"classes; *recall before refresh* is the stale index against the moved weights. "
+            f"Torch threads {meta['torch_threads']}.",
+            "",
+            markdown_table(data["rows"], cols),
+            "",
+            "Background rebuild (real `IndexRebuild(background=True)`; the main thread keeps "
+            "taking real B = 256, M = 1000 steps; the step that triggers the rebuild includes "
+            "the weight snapshot, the step that swaps includes the swap):",
+            "",
+            markdown_table(data["background"], bcols),
+            "",
+            f"![recall vs build time]({plot_path.name})",
+        ]
+    )
+
+
+def plot(rows: list[dict[str, Any]]):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r["op"] != "full build":
+            continue
+        ax.scatter(r["seconds"], r["recall"], label=f"{r['index']} N={fmt_count(r['N'])}")
+    ax.set_xscale("log")
+    ax.set_xlabel("build time (s)")
+    ax.set_ylabel("recall@k vs exact")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return save_figure(fig, "index_cost.png")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="N = 1e5 only")
+    p.add_argument("--n", type=int, nargs="+", help="override the sizes")
+    p.add_argument("--d", type=int, default=256)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", default="index_cost")
+    args = p.parse_args(argv)
+    setup_logging()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = run(quick=args.quick, sizes=args.n, dim=args.d)
+    write_json(args.out, data)
+    print(render(data))
+    return data
+
+
+if __name__ == "__main__":
+    main()
