@@ -2,15 +2,22 @@
 
 Knobs: ``ntrees`` (more trees: better recall, slower and bigger build), ``search_k`` (nodes
 inspected per query, -1 = ntrees * k; more: better recall, slower query), ``n_jobs`` (build
-threads, -1 = all cores). Metric: "ip" -> Annoy ``dot``; "cosine" -> ``angular``.
+threads, -1 = all cores), ``query_threads`` (threads sharing a batch's queries, -1 = all
+cores). Metric: "ip" -> Annoy ``dot``; "cosine" -> ``angular``.
 
 Cost: build O(ntrees * N log N * D), ~45 s for 10 trees over 10^6 x 256 on 2 cores; query
-per sample O(search_k * D) in C++, one Python call per sample (``get_nns_by_vector``).
+per sample O(search_k * D) in C++ (``get_nns_by_vector``, which releases the GIL, so the
+batch is split over ``query_threads`` threads). Rows are added in chunks so that a
+background build never holds the GIL for long (a training step in the main thread would
+wait on it).
 Annoy indexes are immutable after ``build``: every rebuild builds a new object from a
 snapshot, so the serving index is never mutated (no lock on the query path).
 """
 
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from annoy import AnnoyIndex
@@ -18,6 +25,14 @@ from annoy import AnnoyIndex
 from hf_softmax.samplers.base import Sampler, pad_ids
 
 _ANNOY_METRIC = {"ip": "dot", "cosine": "angular"}
+_ADD_CHUNK = 4096  # rows converted per tolist(): ~1 ms of GIL at D = 256
+_POOLS: dict[int, ThreadPoolExecutor] = {}  # shared query pools, by size (never pickled)
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="annoy-query")
+    return _POOLS[threads]
 
 
 class AnnoySampler(Sampler):
@@ -34,11 +49,13 @@ class AnnoySampler(Sampler):
         ntrees: int = 10,
         search_k: int = -1,
         n_jobs: int = -1,
+        query_threads: int = -1,
     ) -> None:
         super().__init__(num_classes, num, metric, seed)
         self.ntrees = int(ntrees)
         self.search_k = int(search_k)
         self.n_jobs = int(n_jobs)
+        self.query_threads = int(query_threads) if query_threads > 0 else (os.cpu_count() or 1)
 
     def build_index(self, weights: np.ndarray) -> AnnoyIndex:
         """(N, D) float32 snapshot -> a built AnnoyIndex (items 0..N-1)."""
@@ -49,8 +66,10 @@ class AnnoySampler(Sampler):
         index = AnnoyIndex(d, _ANNOY_METRIC[self.metric])
         index.set_seed(self.seed)
         add = index.add_item
-        for i, row in enumerate(weights.tolist()):  # lists convert faster than numpy rows
-            add(i, row)
+        for start in range(0, n, _ADD_CHUNK):
+            # lists convert faster than numpy rows; chunks keep each GIL hold short
+            for i, row in enumerate(weights[start : start + _ADD_CHUNK].tolist(), start):
+                add(i, row)
         index.build(self.ntrees, n_jobs=self.n_jobs)
         return index
 
@@ -59,5 +78,19 @@ class AnnoySampler(Sampler):
         if index is None:
             raise RuntimeError("sampler 'annoy': query before the first build")
         get = index.get_nns_by_vector
-        rows = [get(f, k, self.search_k) for f in np.asarray(features, np.float32).tolist()]
+        feats = np.asarray(features, np.float32).tolist()
+        search_k = self.search_k
+
+        def run(part: list[list[float]]) -> list[list[int]]:
+            return [get(f, k, search_k) for f in part]
+
+        threads = min(self.query_threads, max(1, len(feats) // 16))
+        if threads == 1:
+            return pad_ids(run(feats), k)
+        step = -(-len(feats) // threads)
+        parts = [feats[i : i + step] for i in range(0, len(feats), step)]
+        futures = [_pool(threads).submit(run, part) for part in parts[1:]]
+        rows = run(parts[0])  # this thread takes a share too
+        for future in futures:
+            rows += future.result()
         return pad_ids(rows, k)
