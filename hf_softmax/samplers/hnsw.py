@@ -44,7 +44,7 @@ class HNSWSampler(Sampler):
         seed: int = 0,
         m: int = 16,
         ef_construction: int = 100,
-        ef: int = 64,
+        ef: int = 32,
         num_threads: int = -1,
         refresh_fraction: float = 0.3,
         refresh_in_place: bool = False,
