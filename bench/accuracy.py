@@ -36,14 +36,14 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench.common import (  # noqa: E402
+    RunClock,
     fmt_count,
     fmt_seconds,
-    loadavg,
     markdown_table,
     pyplot,
     sampler_config,
     save_figure,
-    setup_logging,
+    setup_run,
     write_json,
 )
 from hf_softmax.classifier import SampledClassifier  # noqa: E402
@@ -206,8 +206,7 @@ def run(
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)
-    t_start = time.perf_counter()
-    load_before = loadavg()
+    clock = RunClock()
     task = Task(cfg)
     results: list[RunResult] = []
     if "full" in samplers:
@@ -218,14 +217,7 @@ def run(
                 results.append(train_one(task, s, frac))
     return {
         "results": [asdict(r) for r in results],
-        "meta": {
-            "quick": quick,
-            "task": asdict(cfg),
-            "seconds": time.perf_counter() - t_start,
-            "torch_threads": torch.get_num_threads(),
-            "loadavg_before": load_before,
-            "loadavg_after": loadavg(),
-        },
+        "meta": clock.meta(quick=quick, task=asdict(cfg)),
     }
 
 
@@ -341,9 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int)
     p.add_argument("--out", default="accuracy")
     args = p.parse_args(argv)
-    setup_logging()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setup_run(args.threads)
     data = run(
         quick=args.quick,
         samplers=tuple(args.samplers),

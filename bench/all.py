@@ -25,8 +25,6 @@ from typing import Any
 # Before torch loads OpenMP (see bench.head_speed).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
-
 from bench import accuracy, head_speed, index_cost  # noqa: E402
 from bench.common import (  # noqa: E402
     DOCS,
@@ -35,7 +33,7 @@ from bench.common import (  # noqa: E402
     fmt_ratio,
     fmt_seconds,
     machine_info,
-    setup_logging,
+    setup_run,
     write_json,
 )
 
@@ -307,9 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     p.add_argument("--reuse", action="store_true", help="run nothing, re-render from JSON")
     args = p.parse_args(argv)
-    setup_logging()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setup_run(args.threads)
     command = "python -m bench.all" + ("".join(" " + shlex.quote(a) for a in sys.argv[1:]))
     to_run = [] if args.reuse else list(args.only or SECTIONS)
     previous = _load("machine")

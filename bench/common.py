@@ -252,6 +252,39 @@ def loadavg() -> tuple[float, float, float] | None:
     return os.getloadavg() if hasattr(os, "getloadavg") else None
 
 
+# --------------------------------------------------------------------------- runs
+
+
+def setup_run(threads: int | None = None) -> None:
+    """Start of a bench CLI: logging, and ``torch.set_num_threads(threads)`` when given."""
+    setup_logging()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+class RunClock:
+    """Wall time and load average of one bench run, from construction to ``meta()``."""
+
+    def __init__(self) -> None:
+        self.t_start = time.perf_counter()
+        self.load_before = loadavg()
+
+    def meta(self, **fields: Any) -> dict[str, Any]:
+        """The result's ``meta``: ``fields``, then seconds, torch threads and the load
+        average before and after."""
+        import torch
+
+        return {
+            **fields,
+            "seconds": time.perf_counter() - self.t_start,
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_before": self.load_before,
+            "loadavg_after": loadavg(),
+        }
+
+
 def fmt_seconds(s: float) -> str:
     if s is None or (isinstance(s, float) and math.isnan(s)):
         return "–"

@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from bench.common import (  # noqa: E402
     PeakMemory,
+    RunClock,
     Stopwatch,
     family_rows,
     features_near,
@@ -43,13 +44,12 @@ from bench.common import (  # noqa: E402
     fmt_ratio,
     fmt_seconds,
     free_memory,
-    loadavg,
     markdown_table,
     pyplot,
     rss_bytes,
     sampler_config,
     save_figure,
-    setup_logging,
+    setup_run,
     sync,
     write_json,
 )
@@ -382,8 +382,7 @@ def run(
     """Time every (sampler, N, D) of the grid; returns {"results": [...], "meta": {...}}."""
     if grid is None:
         grid = QUICK_GRID if quick else FULL_GRID
-    t_start = time.perf_counter()
-    load_before = loadavg()
+    clock = RunClock()
     results: list[StepResult] = []
     for n, d in grid:
         results += bench_point(
@@ -416,19 +415,15 @@ def run(
     add_ratios(results)
     return {
         "results": [asdict(r) for r in results],
-        "meta": {
-            "quick": quick,
-            "large": large,
-            "device": device,
-            "head": head,
-            "features": features,
-            "batch": 256,
-            "num": 1000,
-            "seconds": time.perf_counter() - t_start,
-            "torch_threads": torch.get_num_threads(),
-            "loadavg_before": load_before,
-            "loadavg_after": loadavg(),
-        },
+        "meta": clock.meta(
+            quick=quick,
+            large=large,
+            device=device,
+            head=head,
+            features=features,
+            batch=256,
+            num=1000,
+        ),
     }
 
 
@@ -558,9 +553,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default="head_speed", help="result name under docs/bench/")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = p.parse_args(argv)
-    setup_logging()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setup_run(args.threads)
     grid = None
     if args.n or args.d:
         ns = args.n or [10_000, 100_000, 1_000_000]

@@ -31,17 +31,17 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench.common import (  # noqa: E402
+    RunClock,
     family_rows,
     features_near,
     fmt_count,
     fmt_seconds,
     free_memory,
-    loadavg,
     markdown_table,
     pyplot,
     sampler_config,
     save_figure,
-    setup_logging,
+    setup_run,
     write_json,
 )
 from hf_softmax.classifier import SampledClassifier  # noqa: E402
@@ -261,8 +261,7 @@ def background_stall(
 def run(quick: bool = False, sizes: list[int] | None = None, dim: int = 256) -> dict[str, Any]:
     sizes = sizes or ([100_000] if quick else [100_000, 1_000_000])
     k = 10
-    t_start = time.perf_counter()
-    load_before = loadavg()
+    clock = RunClock()
     rows: list[dict[str, Any]] = []
     background: list[dict[str, Any]] = []
     for n in sizes:
@@ -299,17 +298,7 @@ def run(quick: bool = False, sizes: list[int] | None = None, dim: int = 256) -> 
     return {
         "rows": rows,
         "background": background,
-        "meta": {
-            "quick": quick,
-            "dim": dim,
-            "k": k,
-            "queries": 256,
-            "metric": METRIC,
-            "seconds": time.perf_counter() - t_start,
-            "torch_threads": torch.get_num_threads(),
-            "loadavg_before": load_before,
-            "loadavg_after": loadavg(),
-        },
+        "meta": clock.meta(quick=quick, dim=dim, k=k, queries=256, metric=METRIC),
     }
 
 
@@ -382,9 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int)
     p.add_argument("--out", default="index_cost")
     args = p.parse_args(argv)
-    setup_logging()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setup_run(args.threads)
     data = run(quick=args.quick, sizes=args.n, dim=args.d)
     write_json(args.out, data)
     print(render(data))

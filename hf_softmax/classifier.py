@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hf_softmax import rows as row_store
 from hf_softmax.heads import MarginHead
 from hf_softmax.samplers.base import ActiveSet, Sampler
 
@@ -136,30 +137,13 @@ class SampledClassifier(nn.Module):
         pinned when ``device`` is CUDA so the per-step gathers can copy asynchronously.
         """
         device = torch.device(device)
-        if self.dense:
+        if self.dense or not self.offload:
             self.to(device)
-        elif self.offload:
-            self.weight = self.weight.to("cpu")
-            self.momentum_buffer = self.momentum_buffer.to("cpu")
-            if device.type == "cuda" and not self.weight.is_pinned():
-                self.weight = self.weight.pin_memory()
-                self.momentum_buffer = self.momentum_buffer.pin_memory()
-            self.head.to(device)
-        else:
-            self.to(device)
-
-    def _gather(self, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """ids (M,) CPU int64 -> W[ids] (M, D) on ``device``."""
-        w = self.weight
-        if w.device == device:
-            return w.index_select(0, ids.to(device))
-        if w.device.type == "cpu" and device.type == "cuda":
-            # Fresh pinned buffer from torch's caching host allocator: it records the copy's
-            # stream, so the buffer is not reused before the async copy has finished.
-            buf = torch.empty((ids.numel(), w.shape[1]), dtype=w.dtype, pin_memory=True)
-            torch.index_select(w, 0, ids, out=buf)
-            return buf.to(device, non_blocking=True)
-        return w.index_select(0, ids.to(w.device)).to(device)
+            return
+        self.weight, self.momentum_buffer = row_store.place_rows(
+            self.weight, self.momentum_buffer, device, offload=True
+        )
+        self.head.to(device)
 
     # -- training --------------------------------------------------------------------------
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
@@ -169,9 +153,8 @@ class SampledClassifier(nn.Module):
             targets = labels.to(features.device)
             logits = self.head(features, self.weight, targets)
             return HeadOutput(F.cross_entropy(logits, targets), logits, targets, active)
-        rows = self._gather(active.ids, features.device)
-        track = torch.is_grad_enabled()
-        leaf = rows.detach().requires_grad_(track)
+        leaf = row_store.gather_leaf(self.weight, active.ids, features.device)
+        track = leaf.requires_grad
         targets = active.targets.to(features.device, non_blocking=True)
         logits = self.head(features, leaf, targets)
         loss = F.cross_entropy(logits, targets)
@@ -188,48 +171,25 @@ class SampledClassifier(nn.Module):
         if self.dense:
             return
         pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        ids, leaf = pending
-        if leaf.grad is None:
-            return
-        w_all, v_all = self.weight, self.momentum_buffer
-        ids_w = ids.to(w_all.device)
-        grad = leaf.grad.to(w_all.device, w_all.dtype)  # offload: (M, D) device -> host
-        w = w_all.index_select(0, ids_w)  # (M, D) copies
-        g = grad.add(w, alpha=self.weight_decay) if self.weight_decay else grad
-        v = v_all.index_select(0, ids_w).mul_(self.momentum).add_(g)
-        v_all.index_copy_(0, ids_w, v)
-        w_all.index_copy_(0, ids_w, w.add_(v, alpha=-lr))
-        self._touched[ids] = True
-        self.num_updates += 1
+        w, v, touched = self.weight, self.momentum_buffer, self._touched
+        if row_store.step_pending_(pending, w, v, touched, lr, self.momentum, self.weight_decay):
+            self.num_updates += 1
 
     # -- index support ---------------------------------------------------------------------
     def snapshot_weights(self) -> np.ndarray:
         """(N, D) float32 CPU copy of W for index building (safe to read from a thread)."""
-        return self.weight.detach().to("cpu", torch.float32, copy=True).numpy()
+        return row_store.snapshot_rows(self.weight)
 
     def pop_touched(self) -> np.ndarray:
         """Sorted class ids updated since the last call (for an hnsw refresh); resets the mask."""
         if self.dense:
             return np.arange(self.num_classes, dtype=np.int64)
-        ids = torch.nonzero(self._touched).view(-1).numpy().astype(np.int64)
-        self._touched.zero_()
-        return ids
+        return row_store.pop_touched(self._touched)
 
     @torch.no_grad()
     def predict(self, features: torch.Tensor, chunk_size: int = 65536) -> torch.Tensor:
         """features (B, D) -> (B,) int64 argmax over all N classes (plain logits), chunked."""
-        best = torch.full((features.shape[0],), -float("inf"), device=features.device)
-        best_ids = torch.zeros(features.shape[0], dtype=torch.int64, device=features.device)
-        w = self.weight.detach()
-        for start in range(0, self.num_classes, chunk_size):
-            rows = w[start : start + chunk_size].to(features.device, non_blocking=True)
-            value, idx = self.head.plain_logits(features, rows).max(dim=1)
-            better = value > best  # strict: ties keep the lowest id, like argmax
-            best = torch.where(better, value.to(best.dtype), best)
-            best_ids = torch.where(better, idx + start, best_ids)
-        return best_ids
+        return row_store.argmax_rows(features, self.weight, self.head, chunk_size)[1]
 
     # -- checkpoint ------------------------------------------------------------------------
     def _own_keys(self) -> tuple[str, ...]:
@@ -251,26 +211,18 @@ class SampledClassifier(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        own = {prefix + k: k for k in self._own_keys()}
-        found = {}
-        for key, name in own.items():
-            if key in state_dict:
-                found[name] = state_dict[key]
-            elif strict:
-                missing_keys.append(key)
-        shape = (self.num_classes, self.embedding_dim)
-        with torch.no_grad():
-            for name, target in (("weight", "weight"), ("momentum", "momentum_buffer")):
-                if name not in found:
-                    continue
-                value = found[name]
-                if tuple(value.shape) != shape:
-                    error_msgs.append(
-                        f"size mismatch for {prefix}{name}: checkpoint has {tuple(value.shape)}, "
-                        f"classifier expects {shape} (num_classes, embedding_dim)"
-                    )
-                    continue
-                getattr(self, target).copy_(value)  # keeps device and pinning
+        own, found = row_store.pick_state(
+            state_dict, prefix, self._own_keys(), strict, missing_keys
+        )
+        row_store.load_rows_(
+            {"weight": self.weight, "momentum": self.momentum_buffer},
+            found,
+            (self.num_classes, self.embedding_dim),
+            slice(None),
+            prefix,
+            "classifier expects",
+            error_msgs,
+        )
         if "num_updates" in found:
             self.num_updates = int(found["num_updates"])
         if "touched" in found and found["touched"].numel() == self.num_classes:

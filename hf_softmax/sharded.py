@@ -59,6 +59,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hf_softmax import rows as row_store
 from hf_softmax.classifier import HeadOutput
 from hf_softmax.heads import MarginHead
 from hf_softmax.samplers.base import ActiveSet, Sampler
@@ -113,12 +114,7 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, sizes: list[int], rank: int, scale: float, group: Any):
         ctx.sizes, ctx.rank, ctx.scale, ctx.group = sizes, rank, scale, group
-        bmax = max(sizes)
-        padded = x.new_zeros((bmax, *x.shape[1:]))
-        padded[: x.shape[0]] = x
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded, group=group)
-        return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)])
+        return _all_gather_plain(x, sizes, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -413,15 +409,9 @@ class ShardedClassifier(nn.Module):
         return self
 
     def _place_rows(self, device: torch.device) -> None:
-        if self.offload:
-            self.weight = self.weight.to("cpu")
-            self.momentum_buffer = self.momentum_buffer.to("cpu")
-            if device.type == "cuda" and not self.weight.is_pinned():
-                self.weight = self.weight.pin_memory()
-                self.momentum_buffer = self.momentum_buffer.pin_memory()
-        else:
-            self.weight = self.weight.to(device)
-            self.momentum_buffer = self.momentum_buffer.to(device)
+        self.weight, self.momentum_buffer = row_store.place_rows(
+            self.weight, self.momentum_buffer, device, self.offload
+        )
 
     def place(self, device: torch.device | str) -> None:
         """Non-offload: this shard's rows move to ``device``. Offload: they stay in host
@@ -430,17 +420,6 @@ class ShardedClassifier(nn.Module):
         self.head.to(self._device)
         self._ensure_shard()
         self._place_rows(self._device)
-
-    def _gather_rows(self, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """local ids (M_r,) CPU int64 -> W_r[ids] (M_r, D) on ``device``."""
-        w = self.weight
-        if w.device == device:
-            return w.index_select(0, ids.to(device))
-        if w.device.type == "cpu" and device.type == "cuda":
-            buf = torch.empty((ids.numel(), w.shape[1]), dtype=w.dtype, pin_memory=True)
-            torch.index_select(w, 0, ids, out=buf)
-            return buf.to(device, non_blocking=True)
-        return w.index_select(0, ids.to(w.device)).to(device)
 
     # -- training --------------------------------------------------------------------------
     def _gather_batch(
@@ -512,9 +491,8 @@ class ShardedClassifier(nn.Module):
         feats, all_labels = self._gather_batch(features, labels)  # (B, D), (B,)
         active = self.select(feats.detach(), all_labels)
         device = features.device
-        rows = self._gather_rows(active.ids, device)
-        track = torch.is_grad_enabled()
-        leaf = rows.detach().requires_grad_(track)
+        leaf = row_store.gather_leaf(self.weight, active.ids, device)  # W_r[A_r] (M_r, D)
+        track = leaf.requires_grad
         targets = active.targets.to(device, non_blocking=True)
         logits = self._margin_logits(feats, leaf, targets)
         # float32 softmax statistics even when autocast made the logits bf16
@@ -538,36 +516,22 @@ class ShardedClassifier(nn.Module):
         ``g = grad + wd * w;  v = mu * v + g;  w -= lr * v`` (torch SGD, dampening 0).
         """
         pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        ids, leaf = pending
-        if leaf.grad is None:
-            return
-        w_all, v_all = self.weight, self.momentum_buffer
-        ids_w = ids.to(w_all.device)
-        grad = leaf.grad.to(w_all.device, w_all.dtype)
-        w = w_all.index_select(0, ids_w)
-        g = grad.add(w, alpha=self.weight_decay) if self.weight_decay else grad
-        v = v_all.index_select(0, ids_w).mul_(self.momentum).add_(g)
-        v_all.index_copy_(0, ids_w, v)
-        w_all.index_copy_(0, ids_w, w.add_(v, alpha=-lr))
-        self._touched[ids] = True
-        self.num_updates += 1
+        w, v, touched = self.weight, self.momentum_buffer, self._touched
+        if row_store.step_pending_(pending, w, v, touched, lr, self.momentum, self.weight_decay):
+            self.num_updates += 1
 
     # -- index support (all local to the shard) --------------------------------------------
     def snapshot_weights(self) -> np.ndarray:
         """(N_r, D) float32 CPU copy of this shard's rows (the local index is built from it)."""
         self._ensure_shard()
-        return self.weight.detach().to("cpu", torch.float32, copy=True).numpy()
+        return row_store.snapshot_rows(self.weight)
 
     def pop_touched(self) -> np.ndarray:
         """Sorted LOCAL ids updated since the last call; resets the mask."""
         self._ensure_shard()
         if self.all_active:
             return np.arange(self.num_local, dtype=np.int64)
-        ids = torch.nonzero(self._touched).view(-1).numpy().astype(np.int64)
-        self._touched.zero_()
-        return ids
+        return row_store.pop_touched(self._touched)
 
     @torch.no_grad()
     def predict(self, features: torch.Tensor, chunk_size: int = 65536) -> torch.Tensor:
@@ -582,15 +546,9 @@ class ShardedClassifier(nn.Module):
         if self.world_size > 1:
             sizes = _gather_sizes(batch, features.device, self.group)
             features = _all_gather_plain(features, sizes, self.group)
-        best = torch.full((features.shape[0],), -float("inf"), device=features.device)
-        best_ids = torch.zeros(features.shape[0], dtype=torch.int64, device=features.device)
-        w = self.weight.detach()
-        for start in range(0, self.num_local, chunk_size):
-            rows = w[start : start + chunk_size].to(features.device, non_blocking=True)
-            value, idx = self.head.plain_logits(features, rows).max(dim=1)
-            better = value > best
-            best = torch.where(better, value.to(best.dtype), best)
-            best_ids = torch.where(better, idx + start + self.start, best_ids)
+        best, best_ids = row_store.argmax_rows(
+            features, self.weight, self.head, chunk_size, offset=self.start
+        )
         if self.world_size == 1:
             return best_ids
         values = [torch.empty_like(best) for _ in range(self.world_size)]
@@ -652,27 +610,19 @@ class ShardedClassifier(nn.Module):
     ):
         self._ensure_shard()
         keys = ("weight", "momentum", "num_updates", "touched", "sampler_rng", "sampler_counters")
-        own = {prefix + k: k for k in keys}
-        found = {}
-        for key, name in own.items():
-            if key in state_dict:
-                found[name] = state_dict[key]
-            elif strict and name != "momentum":  # a dense single-process checkpoint has none
-                missing_keys.append(key)
-        full = (self.num_classes, self.embedding_dim)
-        with torch.no_grad():
-            for name, target in (("weight", "weight"), ("momentum", "momentum_buffer")):
-                if name not in found:
-                    continue
-                value = found[name]
-                if tuple(value.shape) != full:
-                    error_msgs.append(
-                        f"size mismatch for {prefix}{name}: checkpoint has {tuple(value.shape)}, "
-                        f"sharded classifier expects the consolidated {full} "
-                        "(num_classes, embedding_dim)"
-                    )
-                    continue
-                getattr(self, target).copy_(value[self.start : self.end])
+        # a dense single-process checkpoint has no momentum
+        own, found = row_store.pick_state(
+            state_dict, prefix, keys, strict, missing_keys, optional=("momentum",)
+        )
+        row_store.load_rows_(
+            {"weight": self.weight, "momentum": self.momentum_buffer},
+            found,
+            (self.num_classes, self.embedding_dim),
+            slice(self.start, self.end),
+            prefix,
+            "sharded classifier expects the consolidated",
+            error_msgs,
+        )
         if "num_updates" in found:
             self.num_updates = int(found["num_updates"])
         if "touched" in found and found["touched"].numel() == self.num_classes:
