@@ -11,22 +11,30 @@ Batches:
 
 Datasets keep the encoded bytes on disk (train) or in memory (.bin) and decode in the worker.
 They hold a ``RecordReader``, which opens its file handle lazily per process: datasets pickle
-(spawn) and fork safely. Lightning's automatic DistributedSampler works because the loaders use
-plain ``shuffle=True``/``False`` map-style datasets.
+(spawn) and fork safely.
+
+Exact resume: the training loader is a ``ResumableDataLoader`` over a ``ResumableSampler``. Order
+and flips of an epoch are functions of (seed, epoch, rank) alone, and the loader's ``state_dict``
+(saved by Lightning in every checkpoint, under ``loops.fit_loop.state_dict.combined_loader``)
+records how far the epoch got, so ``ckpt_path=...`` continues mid-epoch with the very batches an
+uninterrupted run would see, for any ``num_workers``. The sampler is a ``DistributedSampler``:
+under DDP it shards by rank itself (Lightning leaves it in place) and resumes each rank's shard at
+the same position; resuming with another world size restarts that epoch's order (logged warning).
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.context import get_spawning_popen
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from data.transforms import ImageDecodeError, decode_image, hflip
 
@@ -36,6 +44,8 @@ __all__ = [
     "BinImageDataset",
     "RecordDataModule",
     "RecordImageDataset",
+    "ResumableDataLoader",
+    "ResumableSampler",
     "SkipCounter",
     "collate_images",
     "resolve_bins",
@@ -86,7 +96,8 @@ class _ImageDataset(Dataset):
         self.skip_corrupt = skip_corrupt
         self.skipped = counter
 
-    def _image(self, data: bytes, source: str) -> torch.Tensor | None:
+    def _image(self, data: bytes, source: str, flip: bool | None = None) -> torch.Tensor | None:
+        """``flip``: None = random (if ``self.flip``), else as given (``ResumableSampler``)."""
         try:
             img = decode_image(data, source, size=self.image_size)
         except ImageDecodeError as exc:
@@ -95,14 +106,19 @@ class _ImageDataset(Dataset):
             self.skipped.add()
             log.warning("skipping undecodable image (skip_corrupt=True): %s", exc)
             return None
-        # torch's RNG: seeded per worker by the DataLoader (and by seed_everything(workers=True))
-        if self.flip and torch.rand(()) < 0.5:
+        if flip is None:
+            # torch's RNG: seeded per worker by the DataLoader (and seed_everything(workers=True))
+            flip = self.flip and bool(torch.rand(()) < 0.5)
+        if flip:
             img = hflip(img)
         return img
 
 
 class RecordImageDataset(_ImageDataset):
-    """Images of a .rec by key. Item ``i``: ``((3,H,W) uint8, label int)`` or None if skipped."""
+    """Images of a .rec by key. Item ``i``: ``((3,H,W) uint8, label int)`` or None if skipped.
+
+    Also indexable by ``(i, flip)`` (what ``ResumableSampler`` yields): the flip is then given.
+    """
 
     def __init__(
         self,
@@ -128,10 +144,11 @@ class RecordImageDataset(_ImageDataset):
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: int | tuple[int, bool]):
+        i, flip = item if isinstance(item, tuple) else (item, None)
         key = int(self.keys[i])
         _, payload = self._unpack(self.reader.read_idx(key))
-        img = self._image(payload, f"{self.reader.rec_path} key {key}")
+        img = self._image(payload, f"{self.reader.rec_path} key {key}", flip)
         return None if img is None else (img, int(self.labels[i]))
 
 
@@ -156,6 +173,107 @@ class BinImageDataset(_ImageDataset):
     def __getitem__(self, i: int):
         img = self._image(self.images[i], f"{self.name} image {i}")
         return None if img is None else (img, i)
+
+
+class ResumableSampler(DistributedSampler):
+    """Epoch order and flips from (seed, epoch, rank); resumes mid-epoch from its state_dict.
+
+    Yields ``(index, flip)``: this rank's share of the ``DistributedSampler`` permutation
+    (seeded with ``seed + epoch``; ``num_replicas``/``rank`` default to the process group's, or
+    1/0 without one) and a flip bit per position from ``default_rng([seed, epoch, rank])``.
+    Nothing depends on global or worker RNG state: any ``num_workers`` gives the same batches.
+
+    ``progress``: how many of this epoch's items training has consumed (the DataModule counts
+    the trainer's processed batches; Lightning fetches ahead, so counting yielded items would
+    overshoot). Without it, the items yielded so far are used (exact only without workers).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        seed: int = 0,
+        shuffle: bool = True,
+        flip: bool = True,
+        progress: Callable[[], int | None] | None = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ):
+        distributed = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if distributed else 1
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
+        super().__init__(
+            dataset,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffle,
+            seed=int(seed),
+        )
+        self.flip = flip
+        self.progress = progress
+        self._yielded = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, items to skip in it)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if self._resume is not None and self._resume[0] != epoch:
+            self._resume = None
+
+    def __iter__(self) -> Iterator[tuple[int, bool] | int]:
+        indices = list(super().__iter__())  # (num_samples,) this rank's share of the epoch
+        flips = np.random.default_rng([self.seed, self.epoch, self.rank]).random(len(indices))
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            start = min(self._resume[1], len(indices))
+        self._yielded = start
+        for pos in range(start, len(indices)):
+            self._yielded = pos + 1
+            yield (indices[pos], bool(flips[pos] < 0.5)) if self.flip else indices[pos]
+        self._resume = None  # the resumed epoch is done; later passes start at 0
+
+    def state_dict(self) -> dict:
+        consumed = self.progress() if self.progress is not None else None
+        return {
+            "epoch": int(self.epoch),
+            "seed": int(self.seed),
+            "consumed": int(self._yielded if consumed is None else consumed),
+            "num_samples": int(self.num_samples),
+            "num_replicas": int(self.num_replicas),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue epoch ``state["epoch"]`` after its first ``state["consumed"]`` items."""
+        mismatch = {
+            k: (state.get(k), v)
+            for k, v in (
+                ("seed", self.seed),
+                ("num_samples", self.num_samples),
+                ("num_replicas", self.num_replicas),
+            )
+            if state.get(k) != v
+        }
+        if mismatch:
+            log.warning(
+                "training data differs from the checkpoint's (checkpoint, now): %s; epoch %s "
+                "restarts from its first batch", mismatch, state.get("epoch"),
+            )  # fmt: skip
+            return
+        self.epoch = int(state["epoch"])
+        self._resume = (self.epoch, int(state["consumed"]))
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning checkpoints (``state_dict``) and restores mid-epoch.
+
+    Its sampler must be a ``ResumableSampler``; the state is the sampler's.
+    """
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
 
 
 def collate_images(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,7 +379,7 @@ class RecordDataModule(pl.LightningDataModule):
         skip_corrupt: False raises ImageDecodeError on an undecodable image; True logs, counts
             (``skipped_images``) and drops it from its batch.
         pin_memory, persistent_workers: passed to the DataLoaders.
-        seed: seed of the held-out split.
+        seed: seed of the held-out split and of the training order and flips (``ResumableSampler``).
         demo_kwargs: ``data.demo.DemoParams`` fields (plus ``root``) for the demo set.
     """
 
@@ -399,13 +517,26 @@ class RecordDataModule(pl.LightningDataModule):
         )  # fmt: skip
 
     # ------------------------------------------------------------------ loaders
+    def _consumed(self) -> int | None:
+        """Training items consumed in the current epoch (per rank), from the trainer's progress."""
+        trainer = getattr(self, "trainer", None)
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        if loop is None:
+            return None
+        return int(loop.batch_progress.current.processed) * self.batch_size
+
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
         workers = self.num_workers
-        return DataLoader(
+        sampler = (
+            ResumableSampler(dataset, seed=self.seed, flip=dataset.flip, progress=self._consumed)
+            if train
+            else None
+        )
+        return (ResumableDataLoader if train else DataLoader)(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) > batch_size,
+            sampler=sampler,
+            drop_last=train and len(sampler) > batch_size,
             num_workers=workers,
             collate_fn=collate_images,
             pin_memory=self.pin_memory,

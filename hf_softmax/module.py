@@ -319,12 +319,12 @@ class HFSoftmaxModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._last_step_time = None  # do not count data-loader start-up as step time
-        # Data order and flips come from the global RNGs (the DataLoader iterator draws its
-        # seeds when it is created and on its first batch). Reseeding from (seed, epoch) and
-        # creating the epoch's iterator right after makes every epoch's batches independent of
-        # history, so a run resumed at an epoch boundary sees the same batches as one that
-        # never stopped. Lightning creates the first iterator of a fit before this hook
-        # (while estimating the schedule length), so that one is re-created here.
+        # RecordDataModule's order and flips depend on (seed, epoch) only and resume mid-epoch
+        # (data.datamodule.ResumableSampler). Other loaders draw from the global RNGs when
+        # their iterator is created: reseeding from (seed, epoch) and creating the epoch's
+        # iterator right after makes their epochs independent of history too, so a run resumed
+        # at an epoch boundary sees the same batches. Lightning creates the first iterator of
+        # a fit before this hook (and before it sets the sampler's epoch), so it is re-created.
         seed_epoch(self.seed, self.current_epoch)
         if self._first_epoch_of_fit:
             self._first_epoch_of_fit = False
