@@ -113,7 +113,12 @@ def train(cfg: DictConfig) -> float:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     ckpt_cb = trainer.checkpoint_callback
-    saved = getattr(ckpt_cb, "last_model_path", "") or getattr(ckpt_cb, "best_model_path", "")
+    last = getattr(ckpt_cb, "last_model_path", "")
+    if last and getattr(ckpt_cb, "_last_global_step_saved", None) != trainer.global_step:
+        # Step checkpoints (every_n_train_steps) can end before the last step: the final
+        # state goes to last.ckpt too (all ranks call it: the sharded state dict gathers).
+        trainer.save_checkpoint(last)
+    saved = last or getattr(ckpt_cb, "best_model_path", "")
     if not saved:  # e.g. fast_dev_run disables checkpoint callbacks
         saved = str(output_dir / "checkpoints" / "final.ckpt")
         trainer.save_checkpoint(saved)
@@ -131,9 +136,10 @@ def train(cfg: DictConfig) -> float:
 
     elapsed = time.perf_counter() - t_start
     summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("val/"))
-    print(f"checkpoint: {saved}")
-    print(f"validation: {summary or '(none)'}")
-    print(f"final {metric_name} = {value:.4f}  ({trainer.global_step} steps, {elapsed:.0f}s)")
+    if trainer.is_global_zero:  # under DDP every rank runs this; print once
+        print(f"checkpoint: {saved}")
+        print(f"validation: {summary or '(none)'}")
+        print(f"final {metric_name} = {value:.4f}  ({trainer.global_step} steps, {elapsed:.0f}s)")
     return value
 
 

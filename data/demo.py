@@ -283,14 +283,17 @@ def _make_pairs(
     # hard: another member of the same family
     fam_members = {f: np.flatnonzero(family == f) for f in np.unique(family)}
     multi = np.array([i for i in range(n) if len(fam_members[family[i]]) > 1])
-    for i in rng.choice(multi, n_hard):
+    if len(multi) == 0:  # every family has one member: no look-alike negatives exist
+        n_hard = 0
+    for i in rng.choice(multi, n_hard) if n_hard else ():
         others = fam_members[family[i]]
         others = others[others != i]
         neg_ids.append((i, others[rng.integers(len(others))]))
-    # easy: any identity from a different family
+    # easy: any identity from a different family (with a single family, any other identity)
+    single = len(fam_members) == 1
     while len(neg_ids) < n_neg:
         i, j = rng.integers(0, n, 2)
-        if family[i] != family[j]:
+        if family[i] != family[j] or (single and i != j):
             neg_ids.append((i, j))
     neg_ids = np.array(neg_ids, dtype=np.int64)
     picks = rng.integers(0, per_class, (n_neg, 2))

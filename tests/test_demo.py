@@ -172,3 +172,15 @@ def test_demo_is_learnable():
     issame = dm.verification_sets["pairs"].issame
     acc = max(((sim >= t) == issame).mean() for t in sim)
     assert acc > 0.65, acc
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("family_size", [8, 1])
+def test_pairs_from_a_single_family_or_only_singletons(tmp_path: Path, family_size: int):
+    """Too few unseen identities for two families (or families of one) still finish."""
+    out = ensure_demo(
+        tmp_path, num_classes=16, images_per_class=4, num_pairs=8, num_unseen=3,
+        images_per_unseen=2, family_size=family_size,
+    )  # fmt: skip
+    vs = load_bin(out / "pairs.bin")
+    assert len(vs.issame) == 8 and vs.issame.sum() == 4
