@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib.util
 import json
 import logging
 import os
@@ -364,6 +365,10 @@ def export_onnx(
     check_images: (B, 3, S, S) float32 normalised, B != 2 (the export batch) to exercise the
     dynamic axis. Returns {"path", "checked", "max_abs_diff"}.
     """
+    if importlib.util.find_spec("onnx") is None:
+        raise EvaluateError(
+            "export.onnx=true needs the onnx package: pip install -e '.[onnx]' (onnx, onnxruntime)"
+        )
     model = copy.deepcopy(backbone).cpu().eval()
     dummy = torch.zeros(2, 3, input_size, input_size)
     with warnings.catch_warnings():
