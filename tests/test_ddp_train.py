@@ -18,16 +18,9 @@ import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_DEMO
 
-DEMO = {
-    "num_classes": 48,
-    "family_size": 4,
-    "images_per_class": 5,
-    "num_unseen": 16,
-    "images_per_unseen": 4,
-    "num_pairs": 40,
-}
+DEMO = TINY_DEMO
 STEPS = 3  # optimizer steps per epoch and rank
 
 

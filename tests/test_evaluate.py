@@ -16,16 +16,9 @@ from hydra import compose, initialize_config_dir
 
 import evaluate as ev
 from data.verification import VerificationFormatError, load_bin
-from tests.conftest import MXNET_REC, REPO
+from tests.conftest import MXNET_REC, REPO, TINY_DEMO
 
-DEMO = {
-    "num_classes": 48,
-    "family_size": 4,
-    "images_per_class": 5,
-    "num_unseen": 16,
-    "images_per_unseen": 4,
-    "num_pairs": 40,
-}
+DEMO = TINY_DEMO
 
 
 def _compose(name: str, overrides: list[str]):

@@ -10,7 +10,6 @@ skip_nonfinite (tests/test_module.py), failing background index builds
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -24,6 +23,7 @@ import pytorch_lightning as pl
 import torch
 
 from data.datamodule import RecordDataModule, ResumableDataLoader, ResumableSampler
+from tests.conftest import step_losses
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 8  # 64 classes x 4 images, batch 32
@@ -83,17 +83,6 @@ def env(tmp_path_factory) -> dict[str, str]:
 def train_cmd(run_dir: Path, runs_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "train.py", *TINY, f"hydra.run.dir={run_dir}",
             f"paths.runs_dir={runs_dir}", *extra]  # fmt: skip
-
-
-def step_losses(run_dir: Path) -> dict[int, float]:
-    """train/loss_step per global step from the CSV logger's metrics.csv files."""
-    out = {}
-    for path in run_dir.glob("csv/*/metrics.csv"):
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                if row.get("train/loss_step"):
-                    out[int(row["step"])] = float(row["train/loss_step"])
-    return out
 
 
 def newest_step_checkpoint(run_dir: Path) -> int:

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, open_dict
 from hf_softmax.checkpoint_io import AtomicCheckpointIO
 from hf_softmax.module import HFSoftmaxModule
 from hf_softmax.sweep import write_summary
+from tests.conftest import step_losses
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -66,17 +67,6 @@ def compose_cfg(overrides: list[str], output_dir: Path, runs_dir: Path | None = 
         cfg.hydra.runtime.output_dir = str(output_dir)
     HydraConfig.instance().set_config(cfg)
     return cfg
-
-
-def step_losses(output_dir: Path) -> dict[int, float]:
-    """train/loss_step per global step from the CSV logger's metrics.csv."""
-    out = {}
-    for path in output_dir.glob("csv/*/metrics.csv"):
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                if row.get("train/loss_step"):
-                    out[int(row["step"])] = float(row["train/loss_step"])
-    return out
 
 
 @pytest.mark.parametrize("sampler", ["annoy", "hnsw", "exact", "random", "full"])
