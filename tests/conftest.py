@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+from omegaconf import DictConfig, OmegaConf
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -40,3 +41,28 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 def mxnet_rec_dir() -> Path:
     """The RecordIO files written by the real MXNet 1.9.1 (read-only ground truth)."""
     return MXNET_REC
+
+
+def module_cfg(sampler: str = "annoy", head: str = "cosface", **optim) -> DictConfig:
+    """An HFSoftmaxModule config from the real YAMLs: tiny backbone (D = 32), constant LR."""
+    conf = REPO / "conf"
+    cfg = OmegaConf.create(
+        {
+            "seed": 0,
+            "model": OmegaConf.load(conf / "model/tiny.yaml"),
+            "head": OmegaConf.load(conf / f"head/{head}.yaml"),
+            "sampler": OmegaConf.load(conf / f"sampler/{sampler}.yaml"),
+            "optim": {
+                "lr": 0.05,
+                "momentum": 0.9,
+                "weight_decay": 5e-4,
+                "warmup_steps": 0,
+                "schedule": "constant",
+                **optim,
+            },  # fmt: skip
+            "classifier": {"offload": False},
+            "validation": {"flip": True, "nfolds": 10},
+        }
+    )
+    cfg.model.embedding_dim = 32
+    return cfg

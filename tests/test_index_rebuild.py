@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -20,32 +19,14 @@ from callbacks.index_rebuild import IndexRebuild
 from hf_softmax.module import HFSoftmaxModule
 from hf_softmax.samplers.annoy import AnnoySampler
 from hf_softmax.samplers.exact import exact_topk, recall_at_k
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import module_cfg
 
 NUM_CLASSES = 200
 BATCH = 16
 
 
 def make_cfg(sampler: str = "annoy", **sampler_overrides) -> dict:
-    conf = REPO / "conf"
-    cfg = OmegaConf.create(
-        {
-            "seed": 0,
-            "model": OmegaConf.load(conf / "model/tiny.yaml"),
-            "head": OmegaConf.load(conf / "head/cosface.yaml"),
-            "sampler": OmegaConf.load(conf / f"sampler/{sampler}.yaml"),
-            "optim": {
-                "lr": 0.05,
-                "momentum": 0.9,
-                "weight_decay": 5e-4,
-                "warmup_steps": 0,
-                "schedule": "constant",
-            },  # fmt: skip
-            "classifier": {"offload": False},
-        }
-    )
-    cfg.model.embedding_dim = 32
+    cfg = module_cfg(sampler)
     cfg.sampler.num = 48
     for k, v in sampler_overrides.items():
         cfg.sampler[k] = v

@@ -7,7 +7,6 @@ schedule, non-finite handling and what the checkpoint holds.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -16,31 +15,11 @@ from omegaconf import OmegaConf
 
 from data.datamodule import RecordDataModule
 from hf_softmax.module import HFSoftmaxModule, NonFiniteError, WarmupSchedule, check_config
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import module_cfg
 
 
 def make_cfg(sampler: str = "annoy", head: str = "cosface", **optim) -> dict:
-    conf = REPO / "conf"
-    cfg = OmegaConf.create(
-        {
-            "seed": 0,
-            "model": OmegaConf.load(conf / "model/tiny.yaml"),
-            "head": OmegaConf.load(conf / f"head/{head}.yaml"),
-            "sampler": OmegaConf.load(conf / f"sampler/{sampler}.yaml"),
-            "optim": {
-                "lr": 0.05,
-                "momentum": 0.9,
-                "weight_decay": 5e-4,
-                "warmup_steps": 0,
-                "schedule": "constant",
-                **optim,
-            },  # fmt: skip
-            "classifier": {"offload": False},
-            "validation": {"flip": True, "nfolds": 10},
-        }
-    )
-    cfg.model.embedding_dim = 32
+    cfg = module_cfg(sampler, head, **optim)
     cfg.head.scale = 16.0  # moderate logits: a few steps on 58 images must show progress
     cfg.sampler.num = 8
     cfg.sampler.background = False
