@@ -184,7 +184,9 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def model_cost(model: nn.Module, input_size: int | tuple[int, int] = 112) -> ModelCost:
-    """Count conv and linear MACs for one (1, 3, H, W) image with forward hooks.
+    """Count conv and linear MACs for one (1, C, H, W) image with forward hooks.
+
+    C is the model's ``in_channels`` attribute (3 without one).
 
     Conv: out elements x (cin / groups) x kh x kw; linear: in x out. BN, activations, pooling
     and additions are not counted (they are < 1% for these backbones).
@@ -210,7 +212,8 @@ def model_cost(model: nn.Module, input_size: int | tuple[int, int] = 112) -> Mod
     try:
         model.eval()
         device = next(model.parameters()).device
-        model(torch.zeros(1, 3, h, w, device=device))
+        channels = int(getattr(model, "in_channels", 3))
+        model(torch.zeros(1, channels, h, w, device=device))
     finally:
         model.train(was_training)
         for handle in handles:

@@ -8,7 +8,8 @@ Written from the architecture (Deng et al., ArcFace, CVPR 2019, sec. 3 / Insight
 - block: BN -> 3x3 conv -> BN -> PReLU -> 3x3 conv (stride) -> BN, plus the shortcut;
 - head ("option E"): BN -> dropout -> flatten -> FC -> BN (the embedding; its scale is frozen at 1).
 
-images: (B, 3, S, S) float32 normalised -> embeddings: (B, embedding_dim)
+images: (B, in_channels, S, S) float32 normalised (3: RGB, 1: grayscale)
+    -> embeddings: (B, embedding_dim)
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class IResNet(nn.Module):
         embedding_dim: D, size of the output embedding.
         input_size: side S of the square input; the FC input is 512 * ceil(S/16)^2.
         dropout: dropout probability before the FC (InsightFace uses 0 for MS1M).
+        in_channels: channels of the input images (3: RGB, 1: grayscale).
     """
 
     def __init__(
@@ -73,11 +75,13 @@ class IResNet(nn.Module):
         embedding_dim: int = 512,
         input_size: int = 112,
         dropout: float = 0.0,
+        in_channels: int = 3,
     ) -> None:
         super().__init__()
         self.embedding_dim = embedding_dim
         self.input_size = input_size
-        self.conv1 = _conv3x3(3, WIDTHS[0])
+        self.in_channels = in_channels
+        self.conv1 = _conv3x3(in_channels, WIDTHS[0])
         self.bn1 = nn.BatchNorm2d(WIDTHS[0])
         self.prelu = nn.PReLU(WIDTHS[0])
         stages = []
@@ -114,7 +118,7 @@ class IResNet(nn.Module):
                 nn.init.zeros_(m.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, 3, S, S) -> (B, embedding_dim)"""
+        """x: (B, in_channels, S, S) -> (B, embedding_dim)"""
         x = self.prelu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = self.dropout(self.bn2(x))

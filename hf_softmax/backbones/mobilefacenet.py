@@ -14,7 +14,7 @@ Table 1 of the paper, for a 112x112 input (t: expansion, c: channels, n: repeats
     linear conv1x1     c=embedding_dim  -> BN  (the embedding)
 
 Nonlinearity PReLU everywhere except the "linear" layers and the bottleneck projections.
-images: (B, 3, S, S) -> embeddings: (B, embedding_dim); the GDConv kernel is ceil(S/16).
+images: (B, in_channels, S, S) -> embeddings: (B, embedding_dim); the GDConv kernel is ceil(S/16).
 """
 
 from __future__ import annotations
@@ -66,11 +66,15 @@ class Bottleneck(nn.Module):
 
 
 class MobileFaceNet(nn.Module):
-    def __init__(self, embedding_dim: int = 512, input_size: int = 112) -> None:
+    def __init__(self, embedding_dim: int = 512, input_size: int = 112, in_channels: int = 3):
         super().__init__()
         self.embedding_dim = embedding_dim
         self.input_size = input_size
-        layers: list[nn.Module] = [ConvBN(3, 64, 3, stride=2), ConvBN(64, 64, 3, groups=64)]
+        self.in_channels = in_channels
+        layers: list[nn.Module] = [
+            ConvBN(in_channels, 64, 3, stride=2),
+            ConvBN(64, 64, 3, groups=64),
+        ]
         cin = 64
         for t, c, n, s in BOTTLENECKS:
             for i in range(n):
@@ -90,7 +94,7 @@ class MobileFaceNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, 3, S, S) -> (B, embedding_dim)"""
+        """x: (B, in_channels, S, S) -> (B, embedding_dim)"""
         x = self.gdconv(self.body(x))  # (B, 512, 1, 1)
         return self.features(torch.flatten(self.linear(x), 1))
 

@@ -3,7 +3,7 @@
 Three stride-2 stages of two 3x3 conv-BN-PReLU layers, then adaptive average pooling to a
 4x4 map, so any input side >= 16 works (32 for the demo, 112 like the real backbones):
 
-    (B, 3, S, S) -> stem 16ch S -> 32ch S/2 -> 64ch S/4 -> 128ch S/8 -> pool 4x4
+    (B, C, S, S) -> stem 16ch S -> 32ch S/2 -> 64ch S/4 -> 128ch S/8 -> pool 4x4
                  -> BN -> dropout -> FC -> BN -> (B, embedding_dim)
 
 The head mirrors the IResNet one (BN-dropout-FC-BN) so the two behave alike under margin losses.
@@ -33,13 +33,15 @@ class TinyNet(nn.Module):
         input_size: int = 32,
         widths: tuple[int, ...] = (16, 32, 64, 128),
         dropout: float = 0.0,
+        in_channels: int = 3,
     ) -> None:
         super().__init__()
         if input_size < MIN_INPUT:
             raise ValueError(f"tiny backbone: input_size={input_size}, expected >= {MIN_INPUT}")
         self.embedding_dim = embedding_dim
         self.input_size = input_size
-        layers = [_conv(3, widths[0], 1)]
+        self.in_channels = in_channels
+        layers = [_conv(in_channels, widths[0], 1)]
         for cin, cout in zip(widths[:-1], widths[1:], strict=True):
             layers += [_conv(cin, cout, 2), _conv(cout, cout, 1)]
         self.body = nn.Sequential(*layers)
@@ -50,7 +52,7 @@ class TinyNet(nn.Module):
         self.features = nn.BatchNorm1d(embedding_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, 3, S, S), S >= 16 -> (B, embedding_dim)"""
+        """x: (B, in_channels, S, S), S >= 16 -> (B, embedding_dim)"""
         x = self.dropout(self.bn(self.pool(self.body(x))))
         return self.features(self.fc(torch.flatten(x, 1)))
 
