@@ -3,8 +3,9 @@
 ``RecordDataModule(path=...)`` trains from ``<path>/train.rec`` (or a .rec file given directly);
 ``demo=True`` generates and caches the procedural demo set instead (``data.demo``).
 
-Batches:
-    train:   ``(images (B,3,H,W) float32 in [-1,1], randomly h-flipped; labels (B,) int64)``
+Batches (C = ``channels``: 3 RGB, 1 grayscale for a ``model.in_channels=1`` backbone):
+    train:   ``(images (B,C,H,W) float32 in [-1,1], randomly h-flipped unless flip=False;
+             labels (B,) int64)``
     holdout: ``(images, labels)`` unflipped, held-out images of training classes (closed-set top-1)
     <bin>:   ``(images, index (B,) int64)`` unflipped; ``index`` points into the set's image list,
              pairs are (2i, 2i+1) and ``verification_sets[name].issame[i]`` says if they match.
@@ -86,20 +87,26 @@ class SkipCounter:
 
 
 class _ImageDataset(Dataset):
-    """Shared decode path: bytes -> (3,H,W) uint8 at ``image_size``, optional random flip."""
+    """Shared decode path: bytes -> (C,H,W) uint8 at ``image_size``, optional random flip."""
 
     def __init__(
-        self, image_size: tuple[int, int], flip: bool, skip_corrupt: bool, counter: SkipCounter
+        self,
+        image_size: tuple[int, int],
+        flip: bool,
+        skip_corrupt: bool,
+        counter: SkipCounter,
+        channels: int = 3,
     ):
         self.image_size = tuple(image_size)
         self.flip = flip
+        self.channels = int(channels)
         self.skip_corrupt = skip_corrupt
         self.skipped = counter
 
     def _image(self, data: bytes, source: str, flip: bool | None = None) -> torch.Tensor | None:
         """``flip``: None = random (if ``self.flip``), else as given (``ResumableSampler``)."""
         try:
-            img = decode_image(data, source, size=self.image_size)
+            img = decode_image(data, source, size=self.image_size, channels=self.channels)
         except ImageDecodeError as exc:
             if not self.skip_corrupt:
                 raise
@@ -115,7 +122,7 @@ class _ImageDataset(Dataset):
 
 
 class RecordImageDataset(_ImageDataset):
-    """Images of a .rec by key. Item ``i``: ``((3,H,W) uint8, label int)`` or None if skipped.
+    """Images of a .rec by key. Item ``i``: ``((C,H,W) uint8, label int)`` or None if skipped.
 
     Also indexable by ``(i, flip)`` (what ``ResumableSampler`` yields): the flip is then given.
     """
@@ -129,8 +136,9 @@ class RecordImageDataset(_ImageDataset):
         flip: bool = False,
         skip_corrupt: bool = False,
         counter: SkipCounter | None = None,
+        channels: int = 3,
     ):
-        super().__init__(image_size, flip, skip_corrupt, counter or SkipCounter())
+        super().__init__(image_size, flip, skip_corrupt, counter or SkipCounter(), channels)
         from data.recordio import unpack
 
         self._unpack = unpack
@@ -153,7 +161,7 @@ class RecordImageDataset(_ImageDataset):
 
 
 class BinImageDataset(_ImageDataset):
-    """Images of a verification set (in memory). Item ``i``: ``((3,H,W) uint8, i)`` or None."""
+    """Images of a verification set (in memory). Item ``i``: ``((C,H,W) uint8, i)`` or None."""
 
     def __init__(
         self,
@@ -162,8 +170,9 @@ class BinImageDataset(_ImageDataset):
         image_size: tuple[int, int],
         skip_corrupt: bool = False,
         counter: SkipCounter | None = None,
+        channels: int = 3,
     ):
-        super().__init__(image_size, False, skip_corrupt, counter or SkipCounter())
+        super().__init__(image_size, False, skip_corrupt, counter or SkipCounter(), channels)
         self.images = images
         self.name = name
 
@@ -178,9 +187,10 @@ class BinImageDataset(_ImageDataset):
 class ResumableSampler(DistributedSampler):
     """Epoch order and flips from (seed, epoch, rank); resumes mid-epoch from its state_dict.
 
-    Yields ``(index, flip)``: this rank's share of the ``DistributedSampler`` permutation
-    (seeded with ``seed + epoch``; ``num_replicas``/``rank`` default to the process group's, or
-    1/0 without one) and a flip bit per position from ``default_rng([seed, epoch, rank])``.
+    Yields ``(index, flip)`` (plain ``index`` when ``flip`` is False): this rank's share of the
+    ``DistributedSampler`` permutation (seeded with ``seed + epoch``; ``num_replicas``/``rank``
+    default to the process group's, or 1/0 without one) and a flip bit per position from
+    ``default_rng([seed, epoch, rank])``.
     Nothing depends on global or worker RNG state: any ``num_workers`` gives the same batches.
 
     ``progress``: how many of this epoch's items training has consumed (the DataModule counts
@@ -279,7 +289,7 @@ class ResumableDataLoader(DataLoader):
 def collate_images(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack ``(uint8 image, int)`` items, dropping None (skipped), and normalise once per batch.
 
-    Returns ``(images (B,3,H,W) float32, targets (B,) int64)``; B may be 0 if all were skipped.
+    Returns ``(images (B,C,H,W) float32, targets (B,) int64)``; B may be 0 if all were skipped.
     """
     items = [b for b in batch if b is not None]
     if not items:
@@ -380,6 +390,10 @@ class RecordDataModule(pl.LightningDataModule):
             (``skipped_images``) and drops it from its batch.
         pin_memory, persistent_workers: passed to the DataLoaders.
         seed: seed of the held-out split and of the training order and flips (``ResumableSampler``).
+        flip: random horizontal flips of training images; False for data whose mirror image
+            is another class (text glyphs).
+        channels: 3 decodes every image as RGB, 1 as grayscale (PIL ``L``); must match the
+            backbone's ``model.in_channels`` (the configs interpolate it from there).
         demo_kwargs: ``data.demo.DemoParams`` fields (plus ``root``) for the demo set.
     """
 
@@ -397,11 +411,15 @@ class RecordDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         seed: int = 0,
+        flip: bool = True,
+        channels: int = 3,
         demo_kwargs: dict | None = None,
     ):
         super().__init__()
         if not demo and path is None:
             raise ValueError("RecordDataModule needs data.path (a RecordIO dataset) or demo=true")
+        if int(channels) not in (1, 3):
+            raise ValueError(f"data.channels = {channels}, expected 1 (grayscale) or 3 (RGB)")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.path = path
@@ -417,6 +435,8 @@ class RecordDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.seed = seed
+        self.flip = bool(flip)
+        self.channels = int(channels)
         self.demo_kwargs = dict(demo_kwargs or {})
         self._rec: Path | None = None
         self._num_classes: int | None = None
@@ -486,9 +506,10 @@ class RecordDataModule(pl.LightningDataModule):
             layout.image_keys[train_pos],
             layout.labels[train_pos],
             self.image_size,
-            flip=True,
+            flip=self.flip,
             skip_corrupt=self.skip_corrupt,
             counter=self._counter,
+            channels=self.channels,
         )
         self.val_names = []
         if len(held_pos):
@@ -499,6 +520,7 @@ class RecordDataModule(pl.LightningDataModule):
                 self.image_size,
                 skip_corrupt=self.skip_corrupt,
                 counter=self._counter,
+                channels=self.channels,
             )
             self.val_names.append("holdout")
         for path in resolve_bins(self.bins, self.rec_path.parent):
@@ -508,7 +530,7 @@ class RecordDataModule(pl.LightningDataModule):
                 raise ValueError(f"two validation sets named {name!r} (from {path})")
             self.verification_sets[name] = vs
             self.bin_datasets[name] = BinImageDataset(
-                vs.images, name, self.image_size, self.skip_corrupt, self._counter
+                vs.images, name, self.image_size, self.skip_corrupt, self._counter, self.channels
             )
             self.val_names.append(name)
         log.info(

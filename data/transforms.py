@@ -1,7 +1,8 @@
 """Image transforms for face records: decode encoded bytes, resize, flip, normalise.
 
-Everything works on ``torch.uint8`` tensors laid out ``(3, H, W)`` (or ``(B, 3, H, W)`` for the
-element-wise ones) so the expensive float conversion happens once, per batch, at the end.
+Everything works on ``torch.uint8`` tensors laid out ``(C, H, W)`` (or ``(B, C, H, W)`` for the
+element-wise ones), C = 3 (RGB) or 1 (grayscale, ``decode_image(channels=1)``), so the
+expensive float conversion happens once, per batch, at the end.
 PIL does the decoding (libjpeg-turbo for JPEG); torchvision is deliberately not used.
 """
 
@@ -19,7 +20,7 @@ __all__ = ["ImageDecodeError", "decode_image", "hflip", "normalize", "resize"]
 
 
 class ImageDecodeError(ValueError):
-    """Encoded image bytes that PIL cannot turn into an RGB image.
+    """Encoded image bytes that PIL cannot turn into an RGB (or grayscale) image.
 
     The message names the source (e.g. ``"train.rec key 17"``), the number of bytes, their first
     bytes in hex and what was expected (a JPEG or PNG image).
@@ -30,10 +31,13 @@ def _describe(data: bytes) -> str:
     return f"{len(data)} bytes starting with {bytes(data[:8]).hex() or '<empty>'}"
 
 
+CHANNEL_MODES = {3: "RGB", 1: "L"}  # channels -> PIL mode
+
+
 def decode_image(
-    data: bytes, source: str = "", size: tuple[int, int] | None = None
+    data: bytes, source: str = "", size: tuple[int, int] | None = None, channels: int = 3
 ) -> torch.Tensor:
-    """Decode JPEG/PNG (or anything PIL reads) bytes into an RGB tensor.
+    """Decode JPEG/PNG (or anything PIL reads) bytes into an RGB (or grayscale) tensor.
 
     Args:
         data: encoded image bytes.
@@ -42,15 +46,20 @@ def decode_image(
             smallest power-of-two DCT reduction still >= ``size`` (libjpeg draft mode), then
             PIL resizes (bilinear, antialiased when shrinking). Images already at ``size`` are
             never touched, so same-size reads stay bit-exact.
+        channels: 3 decodes as RGB, 1 as grayscale (PIL mode ``L``: ITU-R 601 luma of colour
+            images, grayscale ones unchanged).
 
     Returns:
-        ``(3, H, W)`` uint8 RGB (``size`` if given); gray, gray+alpha, palette, CMYK and RGBA
-        images are converted (alpha dropped).
+        ``(channels, H, W)`` uint8 (``size`` if given); gray, gray+alpha, palette, CMYK and
+        RGBA images are converted to the wanted mode (alpha dropped).
 
     Raises:
         ImageDecodeError: the bytes are empty, truncated or not an image.
     """
     where = source or "<bytes>"
+    if channels not in CHANNEL_MODES:
+        raise ValueError(f"{where}: channels={channels}, expected one of {sorted(CHANNEL_MODES)}")
+    mode = CHANNEL_MODES[channels]
     if not data:
         raise ImageDecodeError(f"{where}: empty image record, expected JPEG or PNG bytes")
     try:
@@ -61,29 +70,31 @@ def decode_image(
             if size is not None and img.format == "JPEG":
                 h, w = size
                 if h < img.height and w < img.width:
-                    img.draft("RGB", (w, h))
-            if img.mode != "RGB":
-                img = img.convert("RGB")
+                    img.draft(mode, (w, h))
+            if img.mode != mode:
+                img = img.convert(mode)
             else:
                 img.load()
             if size is not None and img.size != (size[1], size[0]):
                 img = img.resize((size[1], size[0]), Image.BILINEAR)
             arr = np.asarray(img)
+            if arr.ndim == 2:  # mode L: (H, W) -> (H, W, 1)
+                arr = arr[:, :, None]
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for bad bytes
         raise ImageDecodeError(
             f"{where}: cannot decode image ({_describe(data)}): {type(exc).__name__}: {exc}; "
             "expected JPEG or PNG bytes"
         ) from exc
-    if arr.ndim != 3 or arr.shape[2] != 3:
+    if arr.ndim != 3 or arr.shape[2] != channels:
         raise ImageDecodeError(
-            f"{where}: decoded to array of shape {arr.shape}, expected (H, W, 3) RGB"
+            f"{where}: decoded to array of shape {arr.shape}, expected (H, W, {channels}) {mode}"
         )
-    # (H, W, 3) -> (3, H, W); copy so the tensor owns contiguous memory.
+    # (H, W, C) -> (C, H, W); copy so the tensor owns contiguous memory.
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
 def resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize ``(3, H, W)`` or ``(B, 3, H, W)`` uint8 to ``size`` = (H', W'); no-op if equal.
+    """Resize ``(C, H, W)`` or ``(B, C, H, W)`` uint8 to ``size`` = (H', W'); no-op if equal.
 
     Bilinear with antialiasing (area-like when shrinking), rounded back to uint8. For tensors
     already in memory; the data pipeline resizes while decoding (``decode_image(size=...)``).
