@@ -44,15 +44,32 @@ _EXTRA_KEYS = ("num_updates", "touched", "sampler_rng", "sampler_counters")
 
 @dataclass
 class HeadOutput:
-    """loss: scalar; logits: (B, M); targets: (B,) int64 in 0..M-1 on the logits' device;
-    active: the ActiveSet (ids on CPU); rows: the gathered W[A] (M, D) leaf whose ``.grad``
-    backward fills (None in dense mode or without grad)."""
+    """loss: scalar; logits: (B, M) with the head's margin; targets: (B,) int64 in 0..M-1 on
+    the logits' device; active: the ActiveSet (ids on CPU); rows: the gathered W[A] (M, D)
+    leaf whose ``.grad`` backward fills (None in dense mode or without grad).
+    accuracy: top-1 within the active set on the PLAIN logits (no margin: under CosFace or
+    ArcFace the margin logits rarely rank the target first), scalar, no grad."""
 
     loss: torch.Tensor
     logits: torch.Tensor
     targets: torch.Tensor
     active: ActiveSet
     rows: torch.Tensor | None = None
+    accuracy: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def plain_top1(
+    head: MarginHead, features: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """features (B, D), rows (M, D), targets (B,) in 0..M-1 -> share of argmax == target, scalar.
+
+    The head's plain logits (no margin), recomputed: one extra (B, M) product without grad.
+    """
+    if targets.numel() == 0:
+        return features.new_zeros(())
+    logits = head.plain_logits(features.detach(), rows.detach())
+    return (logits.argmax(dim=1) == targets).float().mean()
 
 
 class SampledClassifier(nn.Module):
@@ -152,14 +169,16 @@ class SampledClassifier(nn.Module):
         if self.dense:
             targets = labels.to(features.device)
             logits = self.head(features, self.weight, targets)
-            return HeadOutput(F.cross_entropy(logits, targets), logits, targets, active)
+            acc = plain_top1(self.head, features, self.weight, targets)
+            return HeadOutput(F.cross_entropy(logits, targets), logits, targets, active, None, acc)
         leaf = row_store.gather_leaf(self.weight, active.ids, features.device)
         track = leaf.requires_grad
         targets = active.targets.to(features.device, non_blocking=True)
         logits = self.head(features, leaf, targets)
         loss = F.cross_entropy(logits, targets)
         self._pending = (active.ids, leaf) if track else None
-        return HeadOutput(loss, logits, targets, active, leaf if track else None)
+        acc = plain_top1(self.head, features, leaf, targets)
+        return HeadOutput(loss, logits, targets, active, leaf if track else None, acc)
 
     @torch.no_grad()
     def sparse_step(self, lr: float) -> None:

@@ -9,9 +9,14 @@ One training step (manual optimization, so the sparse classifier follows the sam
     classifier.sparse_step(lr)                   # SGD momentum + wd on rows A only, same lr
     scheduler.step()                             # linear warmup, then cosine / step, per step
 
+Logged per step: ``train/loss``, ``train/acc`` (top-1 within the active set on the plain
+logits, no margin), ``train/acc_full`` every ``validation.acc_full_every`` steps (top-1 over
+all N rows on the batch's features, ``classifier.predict``), ``lr``, ``train/active_size``.
+
 Validation (one DataLoader per name in ``datamodule.val_names``):
   "holdout": closed-set top-1 over all N classes (``classifier.predict``, chunked);
-  each .bin set: embeddings f(x) (+ f(flip x)) of the 2P images -> 10-fold verification
+  each .bin set: embeddings f(x) (+ f(flip x) when ``validation.flip``, which defaults to
+  ``data.flip``) of the 2P images -> 10-fold verification
   accuracy (``metrics.verification_metrics``), logged as ``val/<name>/acc`` etc.
 
 The checkpoint holds backbone, W, momentum (``classifier.*``), optimizer, scheduler, the
@@ -195,7 +200,9 @@ class HFSoftmaxModule(pl.LightningModule):
         self.skip_nonfinite = bool(cfg.get("skip_nonfinite", False))
         self.nonfinite_skipped = 0
         vcfg = cfg.get("validation", {}) or {}
-        self.val_flip = bool(vcfg.get("flip", True))
+        flip = vcfg.get("flip")  # null: follow the training data (no flips: no flip TTA)
+        self.val_flip = bool((cfg.get("data") or {}).get("flip", True) if flip is None else flip)
+        self.acc_full_every = int(vcfg.get("acc_full_every", 0) or 0)
         self.val_nfolds = int(vcfg.get("nfolds", 10))
         self.predict_chunk = int(ccfg.get("predict_chunk", 65536))
         self._last_step_time: float | None = None
@@ -214,7 +221,7 @@ class HFSoftmaxModule(pl.LightningModule):
         self.classifier.place(self.device)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) -> embeddings (B, D)."""
+        """images (B, C, H, W) -> embeddings (B, D); C = model.in_channels."""
         return self.backbone(images)
 
     # -- optimisation ----------------------------------------------------------------------
@@ -264,6 +271,7 @@ class HFSoftmaxModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor] | None:
         images, labels = batch[0], batch[1]
+        step = self.global_step  # before this step's optimizer.step()
         opt = self.optimizers()
         sched = self.lr_schedulers()
         lr = float(opt.param_groups[0]["lr"])  # this step's lr, shared with the sparse rows
@@ -275,6 +283,13 @@ class HFSoftmaxModule(pl.LightningModule):
             opt.zero_grad(set_to_none=True)
             self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
             return None
+        bsz = int(labels.shape[0])
+        if self.acc_full_every and step % self.acc_full_every == 0:
+            # all N rows, before this step's update (the rows the loss saw); collective
+            # when sharded, and every rank reaches it on the same steps
+            pred = self.classifier.predict(features.detach(), chunk_size=self.predict_chunk)
+            acc_full = (pred.to(labels.device) == labels).float().mean()
+            self.log("train/acc_full", acc_full, on_step=True, on_epoch=False, batch_size=bsz)
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         clip = self.cfg["optim"].get("grad_clip")
@@ -288,11 +303,7 @@ class HFSoftmaxModule(pl.LightningModule):
         self._check_rows(out.active.ids if local_ids is None else local_ids, batch_idx)
 
         now = time.perf_counter()
-        bsz = int(labels.shape[0])
-        with torch.no_grad():
-            acc = getattr(out, "accuracy", None)  # H7 (DDP): top-1 over all ranks' classes
-            if acc is None:
-                acc = (out.logits.argmax(1) == out.targets.to(out.logits.device)).float().mean()
+        acc = out.accuracy  # plain logits within the active set (sharded: over all ranks')
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True,
                  batch_size=bsz)  # fmt: skip
         self.log("train/acc", acc, prog_bar=True, on_step=True, on_epoch=True, batch_size=bsz)

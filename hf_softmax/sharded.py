@@ -220,7 +220,8 @@ class ShardedHeadOutput(HeadOutput):
     over the gathered batch B and this rank's active classes; targets (B,) local indices into
     the M_r columns, -1 where the target class lives on another rank; active: this rank's
     ActiveSet with **global** class ids (M_r,) and those targets; rows: the W_r[A_r] leaf.
-    accuracy: top-1 over the union of the active sets (global argmax == target), scalar.
+    accuracy: top-1 over the union of the active sets on the plain logits (no margin): the
+    global argmax == target, scalar (``_plain_hit``).
     local_ids: (M_r,) the same ids local to the shard (indices into ``weight``)."""
 
     accuracy: torch.Tensor | None = None
@@ -485,6 +486,26 @@ class ShardedClassifier(nn.Module):
         col0 = logits[:, :1].index_copy(0, other, plain0.to(logits.dtype))
         return torch.cat([col0, logits[:, 1:]], dim=1)
 
+    @torch.no_grad()
+    def _plain_hit(
+        self, feats: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, D), (M_r, D), (B,) local targets or -1 -> (B,) bool: the target's plain logit
+        (no margin) is the maximum over all ranks' active rows (collective).
+
+        One all-reduce (MAX) of [row max; target logit, -inf where the target is elsewhere]:
+        every target lives on exactly one rank.
+        """
+        stats = feats.new_full((2, feats.shape[0]), -float("inf"), dtype=torch.float32)
+        if rows.shape[0]:
+            plain = self.head.plain_logits(feats.detach(), rows.detach()).float()  # (B, M_r)
+            stats[0] = plain.max(dim=1).values
+            local = torch.nonzero(targets >= 0).view(-1)
+            stats[1, local] = plain[local, targets[local]]
+        if self.world_size > 1:
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=self.group)
+        return stats[1] >= stats[0]
+
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> ShardedHeadOutput:
         """features (B_r, D), labels (B_r,) global ids -> ShardedHeadOutput (collective)."""
         self._ensure_shard()
@@ -496,7 +517,8 @@ class ShardedClassifier(nn.Module):
         targets = active.targets.to(device, non_blocking=True)
         logits = self._margin_logits(feats, leaf, targets)
         # float32 softmax statistics even when autocast made the logits bf16
-        loss, hit = DistributedCrossEntropy.apply(logits.float(), targets, self.group)
+        loss, _ = DistributedCrossEntropy.apply(logits.float(), targets, self.group)
+        hit = self._plain_hit(feats, leaf, targets)
         self._pending = (active.ids, leaf) if track else None
         global_set = ActiveSet(active.ids + self.start, active.targets, active.num_positives)
         return ShardedHeadOutput(

@@ -124,9 +124,11 @@ def _check_training(rank: int, head_name: str, sampler: str, tmp: Path) -> None:
         ref_out.loss.backward()
 
         torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-4, atol=1e-5)
-        # top-1 over the union == argmax of the single-process logits
-        ref_acc = (ref_out.logits.argmax(1) == ref_out.targets).float().mean()
+        # top-1 over the union == argmax of the single-process plain logits (no margin)
+        ref_plain = ref.head.plain_logits(feats_all, ref_out.rows)
+        ref_acc = (ref_plain.argmax(1) == ref_out.targets).float().mean()
         torch.testing.assert_close(out.accuracy, ref_acc)
+        torch.testing.assert_close(out.accuracy, ref_out.accuracy)
         # the all-gather backward multiplies by the world size (undoes DDP's averaging)
         torch.testing.assert_close(
             feats.grad / WORLD, f_ref.grad[lo : lo + SIZES[rank]], rtol=1e-4, atol=1e-5
