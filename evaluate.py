@@ -3,13 +3,22 @@
     python evaluate.py ckpt=outputs/.../last.ckpt                      # the demo's pairs.bin
     python evaluate.py ckpt=... data=rec data.path=/data/ms1m bins=[lfw,cfp_fp,agedb_30]
     python evaluate.py ckpt=... bins=[/path/to/my.bin] export.onnx=true logger=none
+    python evaluate.py ckpt=... top1_rec=/data/glyphs/test.rec      # or a dir with test.rec
 
 Only the backbone is read from the Lightning checkpoint (memory-mapped, so the N x D classifier
-of a 10^6-class run is never loaded), except for closed-set top-1 (`data=rec`), which streams
-the classifier rows in chunks. For each set: flip-TTA embeddings (embedding(img) +
-embedding(flip(img)), L2-normalised), 10-fold accuracy (LFW protocol), TAR@FAR, AUC
-(hf_softmax.metrics); outputs in the run directory: metrics.csv, metrics.json,
-features/<set>.npy (+ <set>_issame.npy), roc_<set>.png, optional <model>.onnx.
+of a 10^6-class run is never loaded), except for closed-set top-1/top-5 (`data=rec` held-out
+images, `top1_rec` labelled .rec files), which streams the classifier rows in chunks. For each
+verification set: flip-TTA embeddings (embedding(img) + embedding(flip(img)), L2-normalised;
+`flip=auto` follows the checkpoint's data.flip), 10-fold accuracy (LFW protocol), TAR@FAR, AUC
+(hf_softmax.metrics). Images are decoded with the backbone's model.in_channels (1: grayscale).
+
+Outputs in the run directory: metrics.csv (one row per set), metrics.json, features/<set>.npy
+(+ <set>_issame.npy), roc_<set>.png, per_class_<name>.csv (closed set), optional <model>.onnx.
+metrics.json keys: ckpt, model, flip, nfolds, sets.<set> (verification metrics), top1
+(holdout: top1, top5, images, classes, per_class, seconds), closed_set.<name> (top1_rec
+files, name = the .rec's stem: path, top1, top5, images, classes, per_class, seconds), onnx,
+and metrics: the flat values the loggers get (`<set>/acc`, `<set>/auc`, ..., `holdout/top1`,
+`holdout/top5`, `<name>/top1`, `<name>/top5`, `<name>/images`, ...).
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from torch import nn
 from data.transforms import ImageDecodeError, decode_image, hflip, normalize, resize
 from data.verification import VerificationFormatError, VerificationSet, load_bin
 from hf_softmax.backbones import build_backbone
+from hf_softmax.heads import MarginHead
 from hf_softmax.metrics import cosine_scores, model_cost, roc_curve, verification_metrics
 
 log = logging.getLogger("evaluate")
@@ -251,12 +261,18 @@ def load_set(path: Path) -> VerificationSet:
 
 
 def _decode_batch(
-    images: list[bytes], start: int, size: int, source: str, pool: ThreadPoolExecutor
+    images: list[bytes],
+    start: int,
+    size: int,
+    source: str,
+    pool: ThreadPoolExecutor,
+    channels: int = 3,
 ) -> torch.Tensor:
-    """-> (B, 3, size, size) uint8; PIL releases the GIL, so threads decode in parallel."""
+    """-> (B, channels, size, size) uint8; PIL releases the GIL, so threads decode in parallel."""
 
     def one(i: int) -> torch.Tensor:
-        img = decode_image(images[i], f"{source} image {start + i}", size=(size, size))
+        where = f"{source} image {start + i}"
+        img = decode_image(images[i], where, size=(size, size), channels=channels)
         return resize(img, (size, size))
 
     return torch.stack(list(pool.map(one, range(len(images)))))
@@ -271,13 +287,18 @@ def embed_images(
     device: torch.device | str = "cpu",
     flip: bool = True,
     source: str = "",
+    channels: int = 3,
 ) -> np.ndarray:
-    """Encoded images -> (N, D) float32 L2-normalised embeddings (flip TTA: f(x) + f(flip(x)))."""
+    """Encoded images -> (N, D) float32 L2-normalised embeddings (flip TTA: f(x) + f(flip(x))).
+
+    Images are decoded as RGB (channels 3) or grayscale (1), the backbone's in_channels.
+    """
     out = []
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            x = normalize(_decode_batch(chunk, start, input_size, source, pool)).to(device)
+            batch = _decode_batch(chunk, start, input_size, source, pool, channels)
+            x = normalize(batch).to(device)
             if flip:
                 e = backbone(torch.cat([x, hflip(x)]))
                 e = e[: len(chunk)] + e[len(chunk) :]
@@ -344,9 +365,25 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([fmt.format(*columns), sep, *(fmt.format(*line) for line in lines)])
 
 
+def closed_set_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Closed-set results of the summary (holdout, then top1_rec files) as table rows."""
+    results = {"holdout": summary["top1"]} if "top1" in summary else {}
+    results.update(summary.get("closed_set", {}))
+    keys = ("top1", f"top{TOPK}", "images", "classes", "seconds")
+    return [{"set": name, **{k: r[k] for k in keys if k in r}} for name, r in results.items()]
+
+
+def flat_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Table rows -> {"<set>/<column>": value} (``pairs/acc``, ``test/top1``, ``test/top5``)."""
+    return {f"{r['set']}/{k}": v for r in rows for k, v in r.items() if k != "set"}
+
+
 def write_tables(rows: list[dict[str, Any]], summary: dict[str, Any], out_dir: Path) -> None:
+    """metrics.csv: one row per set (verification columns, then closed-set ones; cells of the
+    other kind empty); metrics.json: the summary."""
+    fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(out_dir / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
     with open(out_dir / "metrics.json", "w") as f:
@@ -362,15 +399,15 @@ def export_onnx(
 ) -> dict[str, Any]:
     """Write the backbone as ONNX (dynamic batch axis "batch") and compare with torch.
 
-    check_images: (B, 3, S, S) float32 normalised, B != 2 (the export batch) to exercise the
-    dynamic axis. Returns {"path", "checked", "max_abs_diff"}.
+    check_images: (B, C, S, S) float32 normalised (C = the backbone's in_channels), B != 2
+    (the export batch) to exercise the dynamic axis. Returns {"path", "checked", "max_abs_diff"}.
     """
     if importlib.util.find_spec("onnx") is None:
         raise EvaluateError(
             "export.onnx=true needs the onnx package: pip install -e '.[onnx]' (onnx, onnxruntime)"
         )
     model = copy.deepcopy(backbone).cpu().eval()
-    dummy = torch.zeros(2, 3, input_size, input_size)
+    dummy = torch.zeros(2, check_images.shape[1], input_size, input_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # legacy-exporter deprecation, tracer notes
         torch.onnx.export(
@@ -406,20 +443,91 @@ def export_onnx(
 
 
 # ---------------------------------------------------------------------------------------------
-# closed-set top-1
+# closed-set top-1 / top-5
+
+TOPK = 5  # closed-set top-k reported next to top-1
+
+
+def classifier_rows(loaded: LoadedCheckpoint) -> tuple[torch.Tensor, MarginHead]:
+    """The checkpoint's classifier rows W (N, D), memory-mapped, and its head (plain logits)."""
+    from hf_softmax.heads import build_head
+
+    state = loaded.state_dict
+    wkey = next((k for k in state if _strip_wrappers(k) == "classifier.weight"), None)
+    if wkey is None:
+        found = [k for k in state if "classifier" in k]
+        raise EvaluateError(
+            f"{loaded.path}: closed-set top-1 needs 'classifier.weight' (N, D); "
+            f"classifier keys found: {_list(found) or '-'}"
+        )
+    head_cfg = dict(loaded.train_cfg.get("head") or {"name": "linear"})
+    head = build_head(**{k: v for k, v in head_cfg.items() if not str(k).startswith("_")})
+    return state[wkey], head
+
+
+@torch.no_grad()
+def closed_set_counts(
+    backbone: nn.Module,
+    loader: Any,
+    weight: torch.Tensor,
+    head: MarginHead,
+    flip: bool,
+    chunk_size: int,
+    device: torch.device,
+) -> np.ndarray:
+    """Per-class counts of the argmax over all N rows: (N, 3) int64 = images, top-1 correct,
+    top-k correct (k = TOPK), for a loader of ``(images (B,C,H,W), labels (B,) in 0..N-1)``.
+
+    Rows are scored ``chunk_size`` at a time with the head's plain logits (``rows.topk_rows``);
+    with ``flip`` the features are f(x) + f(flip x).
+    """
+    from hf_softmax.rows import topk_rows
+
+    counts = np.zeros((weight.shape[0], 3), np.int64)
+    for images, labels in loader:
+        x = images.to(device)
+        if flip:
+            f = backbone(torch.cat([x, hflip(x)]))
+            f = f[: len(x)] + f[len(x) :]
+        else:
+            f = backbone(x)
+        _, ids = topk_rows(f.float(), weight, head, TOPK, chunk_size)  # (B, k) best first
+        hits = (ids.cpu() == labels[:, None]).numpy()  # (B, k)
+        y = labels.numpy()
+        np.add.at(counts[:, 0], y, 1)
+        np.add.at(counts[:, 1], y, hits[:, 0])
+        np.add.at(counts[:, 2], y, hits.any(axis=1))
+    return counts
+
+
+def closed_set_result(counts: np.ndarray, name: str, out_dir: Path) -> dict[str, Any]:
+    """counts (N, 3) -> {"top1", "top5", "images", "classes", "per_class"}; writes
+    ``per_class_<name>.csv`` (class, images, top1_correct, top5_correct; classes with images)."""
+    path = out_dir / f"per_class_{name}.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "images", "top1_correct", f"top{TOPK}_correct"])
+        for c in np.flatnonzero(counts[:, 0]):
+            writer.writerow([int(c), *map(int, counts[c])])
+    total = int(counts[:, 0].sum())
+    return {
+        "top1": int(counts[:, 1].sum()) / max(total, 1),
+        f"top{TOPK}": int(counts[:, 2].sum()) / max(total, 1),
+        "images": total,
+        "classes": int(counts.shape[0]),
+        "per_class": str(path),
+    }
 
 
 @torch.no_grad()
 def closed_set_top1(
-    loaded: LoadedCheckpoint, cfg: DictConfig, device: torch.device
+    loaded: LoadedCheckpoint, cfg: DictConfig, device: torch.device, flip: bool, out_dir: Path
 ) -> dict[str, Any]:
-    """Top-1 of argmax over all N classifier rows on held-out images of the training classes.
+    """Top-1 / top-5 over all N classifier rows on held-out images of the training classes.
 
-    The classifier rows `classifier.weight` (N, D) stay memory-mapped; `chunk_size` rows at a
-    time are scored with the training head's plain logits (no margin).
+    The held-out split is training's (same data.val_fraction and seed); writes
+    ``per_class_holdout.csv``.
     """
-    from hf_softmax.heads import build_head
-
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     train_data = loaded.train_cfg.get("data") or {}
     if not data_cfg.get("val_fraction"):
@@ -431,44 +539,83 @@ def closed_set_top1(
             "closed-set top-1 needs held-out images: the checkpoint was trained with "
             "data.val_fraction=0; pass data.val_fraction=<f> (those images were seen in training)"
         )
-    state = loaded.state_dict
-    wkey = next((k for k in state if _strip_wrappers(k) == "classifier.weight"), None)
-    if wkey is None:
-        found = [k for k in state if "classifier" in k]
-        raise EvaluateError(
-            f"{loaded.path}: closed-set top-1 needs 'classifier.weight' (N, D); "
-            f"classifier keys found: {_list(found) or '-'}"
-        )
-    weight = state[wkey]  # (N, D) memory-mapped
-    head_cfg = dict(loaded.train_cfg.get("head") or {"name": "linear"})
-    head = build_head(**{k: v for k, v in head_cfg.items() if not str(k).startswith("_")})
-    size = int(loaded.model_cfg["input_size"])
-    data_cfg["image_size"] = size
+    weight, head = classifier_rows(loaded)
+    data_cfg["image_size"] = int(loaded.model_cfg["input_size"])
+    data_cfg["channels"] = int(loaded.model_cfg.get("in_channels", 3))
     data_cfg["bins"] = []
     dm = hydra.utils.instantiate(data_cfg)
     dm.setup("validate")
     if dm.holdout_dataset is None:
         raise EvaluateError(f"{dm.rec_path}: no held-out images (data.val_fraction too small?)")
     loader = dm.val_dataloader()[dm.val_names.index("holdout")]
-    backbone = loaded.backbone
     chunk = int(cfg.get("top1_chunk_size", 65536))
-    correct = total = 0
-    for images, labels in loader:
-        x = images.to(device)
-        f = backbone(torch.cat([x, hflip(x)])) if cfg.flip else backbone(x)
-        if cfg.flip:
-            f = f[: len(x)] + f[len(x) :]
-        best = torch.full((len(x),), -float("inf"), device=device)
-        best_ids = torch.zeros(len(x), dtype=torch.int64, device=device)
-        for start in range(0, weight.shape[0], chunk):
-            rows = weight[start : start + chunk].to(device, torch.float32)
-            value, idx = head.plain_logits(f.float(), rows).max(dim=1)
-            better = value > best
-            best = torch.where(better, value, best)
-            best_ids = torch.where(better, idx + start, best_ids)
-        correct += int((best_ids.cpu() == labels).sum())
-        total += len(labels)
-    return {"top1": correct / max(total, 1), "images": total, "classes": int(weight.shape[0])}
+    counts = closed_set_counts(loaded.backbone, loader, weight, head, flip, chunk, device)
+    return closed_set_result(counts, "holdout", out_dir)
+
+
+def resolve_top1_recs(value: Any) -> list[Path]:
+    """``top1_rec``: a .rec path, a directory holding ``test.rec``, or a list of them."""
+    entries = value if isinstance(value, list | tuple) else [value]
+    out = []
+    for entry in entries:
+        p = Path(to_absolute_path(str(entry)))
+        rec = p / "test.rec" if p.is_dir() else p
+        if not rec.is_file():
+            raise EvaluateError(
+                f"top1_rec={entry}: no RecordIO file at {rec} (expected a .rec with its .idx, "
+                "or a directory with test.rec)"
+            )
+        out.append(rec)
+    return out
+
+
+@torch.no_grad()
+def closed_set_rec(
+    loaded: LoadedCheckpoint,
+    rec: Path,
+    name: str,
+    cfg: DictConfig,
+    device: torch.device,
+    flip: bool,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Top-1 / top-5 over all N classifier rows on every image of a labelled .rec (InsightFace
+    or plain layout) whose labels are training class ids; writes ``per_class_<name>.csv``."""
+    from torch.utils.data import DataLoader
+
+    from data.datamodule import RecordImageDataset, collate_images
+    from data.layout import read_layout
+    from data.recordio import RecordReader
+
+    weight, head = classifier_rows(loaded)
+    n = int(weight.shape[0])
+    reader = RecordReader(rec)
+    layout = read_layout(reader)
+    bad = np.flatnonzero((layout.labels < 0) | (layout.labels >= n))
+    if len(bad):
+        i = int(bad[0])
+        raise EvaluateError(
+            f"{rec}: record key {int(layout.image_keys[i])} has label {int(layout.labels[i])}, "
+            f"expected 0..{n - 1} (top1_rec must share the training label space: the checkpoint "
+            f"has N = {n} classifier rows); {len(bad)} of {len(layout)} images out of range"
+        )
+    size = int(loaded.model_cfg["input_size"])
+    dataset = RecordImageDataset(
+        reader,
+        layout.image_keys,
+        layout.labels,
+        (size, size),
+        channels=int(loaded.model_cfg.get("in_channels", 3)),
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=int(cfg.batch_size),
+        num_workers=int(cfg.data.get("num_workers", 0) or 0),
+        collate_fn=collate_images,
+    )
+    chunk = int(cfg.get("top1_chunk_size", 65536))
+    counts = closed_set_counts(loaded.backbone, loader, weight, head, flip, chunk, device)
+    return {"path": str(rec), **closed_set_result(counts, name, out_dir)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,13 +636,11 @@ def log_to_loggers(
 ) -> None:
     from pytorch_lightning.loggers import WandbLogger
 
-    flat = {f"{r['set']}/{k}": v for r in rows for k, v in r.items() if k != "set"}
+    flat = dict(summary["metrics"])
     flat.update({f"model/{k}": v for k, v in summary["model"].items() if isinstance(v, int)})
-    if "top1" in summary:
-        flat["holdout/top1"] = summary["top1"]["top1"]
     for logger in loggers:
         logger.log_metrics(flat)
-        if isinstance(logger, WandbLogger):
+        if isinstance(logger, WandbLogger) and rows:
             columns = list(rows[0])
             logger.log_table(
                 key="verification", columns=columns, data=[list(r.values()) for r in rows]
@@ -522,6 +667,16 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_flip(value: Any, train_cfg: dict[str, Any]) -> bool:
+    """``flip``: true/false, or ``auto`` = the checkpoint's data.flip (true when absent:
+    checkpoints from before data.flip trained with random flips)."""
+    if str(value).lower() == "auto":
+        return bool((train_cfg.get("data") or {}).get("flip", True))
+    if isinstance(value, bool):
+        return value
+    raise EvaluateError(f"flip={value!r}: expected true, false or auto")
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the whole evaluation; returns the summary written to metrics.json."""
     out_dir = Path(to_absolute_path(str(cfg.out_dir)))
@@ -532,12 +687,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model_override = _plain(cfg.get("model"))
     loaded = load_checkpoint(to_absolute_path(str(cfg.ckpt)), model_override)
     size = int(loaded.model_cfg["input_size"])
+    channels = int(loaded.model_cfg.get("in_channels", 3))
+    flip = resolve_flip(cfg.flip, loaded.train_cfg)
+    top1_recs = resolve_top1_recs(cfg.top1_rec) if cfg.get("top1_rec") else []
     cost = model_cost(loaded.backbone, size)
-    print(f"backbone {loaded.model_cfg['name']} @ {size}x{size}: {cost}")
+    print(f"backbone {loaded.model_cfg['name']} @ {size}x{size}x{channels}: {cost}")
     summary: dict[str, Any] = {
         "ckpt": str(loaded.path),
         "model": {**loaded.model_cfg, "params": cost.params, "macs": cost.macs},
-        "flip": bool(cfg.flip),
+        "flip": flip,
         "nfolds": int(cfg.nfolds),
         "sets": {},
     }
@@ -550,7 +708,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             vs.name = f"{vs.name}_{len(rows)}"
         t0 = time.perf_counter()
         emb = embed_images(
-            backbone, vs.images, size, int(cfg.batch_size), device, bool(cfg.flip), str(path)
+            backbone, vs.images, size, int(cfg.batch_size), device, flip, str(path), channels
         )  # (2P, D), pairs are rows (2i, 2i+1)
         metrics = verification_metrics(
             emb[0::2], emb[1::2], vs.issame, int(cfg.nfolds), tuple(map(float, cfg.fars))
@@ -574,15 +732,26 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         top1 = not cfg.data.get("demo", False)
     if top1:
         t0 = time.perf_counter()
-        summary["top1"] = closed_set_top1(loaded, cfg, device)
+        summary["top1"] = closed_set_top1(loaded, cfg, device, flip, out_dir)
         summary["top1"]["seconds"] = time.perf_counter() - t0
+    for rec in top1_recs:
+        name = rec.stem
+        taken = {*summary["sets"], *summary.get("closed_set", {}), "holdout"}
+        if name in taken:  # e.g. two test.rec in different directories
+            name = f"{name}_{len(taken)}"
+        t0 = time.perf_counter()
+        result = closed_set_rec(loaded, rec, name, cfg, device, flip, out_dir)
+        result["seconds"] = time.perf_counter() - t0
+        summary.setdefault("closed_set", {})[name] = result
 
-    print(format_table(rows))
-    if "top1" in summary:
-        t = summary["top1"]
+    closed = closed_set_rows(summary)
+    summary["metrics"] = flat_metrics(rows + closed)
+    if rows:
+        print(format_table(rows))
+    for r in closed:
         print(
-            f"closed-set top-1 (holdout): {100 * t['top1']:.2f} % "
-            f"({t['images']} images, {t['classes']} classes)"
+            f"closed-set ({r['set']}): top-1 {100 * r['top1']:.2f} %, top-{TOPK} "
+            f"{100 * r[f'top{TOPK}']:.2f} % ({r['images']} images, {r['classes']} classes)"
         )
     if cfg.export.onnx:
         onnx_path = (
@@ -592,9 +761,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
         if first_images:
             with ThreadPoolExecutor(max_workers=2) as pool:
-                check = normalize(_decode_batch(first_images, 0, size, "onnx check", pool))
+                batch = _decode_batch(first_images, 0, size, "onnx check", pool, channels)
+                check = normalize(batch)
         else:
-            check = torch.randn(3, 3, size, size)
+            check = torch.randn(3, channels, size, size)
         summary["onnx"] = export_onnx(backbone, size, onnx_path, int(cfg.export.opset), check)
         print(
             f"ONNX: {onnx_path}"
@@ -604,7 +774,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 else " (onnxruntime missing: not checked)"
             )
         )
-    write_tables(rows, summary, out_dir)
+    write_tables(rows + closed, summary, out_dir)
     loggers = build_loggers(cfg)
     if loggers:
         log_to_loggers(loggers, rows, summary, out_dir)

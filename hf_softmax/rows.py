@@ -126,6 +126,32 @@ def argmax_rows(
     return best, best_ids
 
 
+@torch.no_grad()
+def topk_rows(
+    features: torch.Tensor, weight: torch.Tensor, head: MarginHead, k: int, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """features (B, D), W (N, D) -> (k best plain logits (B, k), their row ids (B, k) int64),
+    best first; k is capped at N.
+
+    Rows go to the features' device ``chunk_size`` at a time (W may be memory-mapped or in
+    host memory); the running top-k is merged with each chunk's. ``argmax_rows`` is the k = 1
+    case with its tie rule (lowest id); here ties within the k best may come in any order.
+    """
+    k = min(int(k), weight.shape[0])
+    best = torch.full((features.shape[0], k), -float("inf"), device=features.device)
+    best_ids = torch.zeros((features.shape[0], k), dtype=torch.int64, device=features.device)
+    w = weight.detach()
+    for start in range(0, w.shape[0], chunk_size):
+        rows = w[start : start + chunk_size].to(features.device, non_blocking=True)
+        logits = head.plain_logits(features, rows)  # (B, c)
+        value, idx = logits.topk(min(k, logits.shape[1]), dim=1)
+        merged = torch.cat([best, value.to(best.dtype)], dim=1)  # (B, k + k')
+        merged_ids = torch.cat([best_ids, idx + start], dim=1)
+        best, pos = merged.topk(k, dim=1)
+        best_ids = merged_ids.gather(1, pos)
+    return best, best_ids
+
+
 # -- checkpoint ------------------------------------------------------------------------------
 def pick_state(
     state_dict: Mapping[str, torch.Tensor],
