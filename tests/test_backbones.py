@@ -1,4 +1,5 @@
-"""Every registered backbone: (B, 3, S, S) -> (B, D) finite embeddings; factory and cost counter."""
+"""Every registered backbone: (B, 3, S, S) -> (B, D) finite embeddings (and 1-channel input);
+factory and cost counter."""
 
 import pytest
 import torch
@@ -27,12 +28,27 @@ def test_shape_and_finite(name: str, size: int, batch: int) -> None:
     assert model.embedding_dim == dim and model.input_size == size
 
 
+@pytest.mark.parametrize("name", ["tiny", "iresnet18", "mobilefacenet"])
+def test_one_input_channel(name: str) -> None:
+    """in_channels=1 (grayscale): the first conv takes 1 channel; (B, 1, S, S) -> (B, D)."""
+    size = 32 if name == "tiny" else 112
+    model = build_backbone(name, embedding_dim=16, input_size=size, in_channels=1).eval()
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == 1 and model.in_channels == 1
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, size, size))
+    assert out.shape == (2, 16) and torch.isfinite(out).all()
+    rgb = build_backbone(name, embedding_dim=16, input_size=size)
+    assert model_cost(model, size).params < model_cost(rgb, size).params
+
+
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_model_yaml_builds(name: str) -> None:
     cfg = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
     assert cfg.name == name
     assert cfg.embedding_dim == (128 if name == "tiny" else 512)
     assert cfg.input_size == (32 if name == "tiny" else 112)
+    assert cfg.in_channels == 3
     assert callable(BACKBONES[cfg.name])
 
 

@@ -223,6 +223,60 @@ def test_gray_record_comes_out_rgb(tmp_path: Path):
     assert torch.equal(img[0], img[1]) and torch.equal(img[1], img[2])
 
 
+def _epoch(dm: RecordDataModule) -> list[tuple[int, bytes]]:
+    """(label, image bytes) of one training epoch, sorted (the order is shuffled)."""
+    return sorted(
+        (int(y), x.numpy().tobytes())
+        for xs, ys in dm.train_dataloader()
+        for x, y in zip(xs, ys, strict=True)
+    )
+
+
+def test_flip_off_gives_the_unflipped_images(small_rec):
+    """data.flip=false: an epoch holds exactly the decoded images; with flips it does not."""
+    root, arrays, labels = small_rec
+    ref = sorted(
+        (y, normalize(torch.from_numpy(a.copy()).permute(2, 0, 1)).numpy().tobytes())
+        for a, y in zip(arrays, labels, strict=True)
+    )
+    dm = RecordDataModule(path=str(root), image_size=16, batch_size=6, flip=False)
+    dm.setup("fit")
+    assert not dm.train_dataset.flip
+    assert all(isinstance(i, int) for i in dm.train_dataloader().sampler)  # no flip bits
+    for epoch in (0, 1):
+        dm.train_dataloader().sampler.set_epoch(epoch)
+        assert _epoch(dm) == ref
+    flipped = RecordDataModule(path=str(root), image_size=16, batch_size=6)  # default: flip
+    flipped.setup("fit")
+    assert _epoch(flipped) != ref
+
+
+def test_one_channel_decodes_grayscale(small_rec):
+    """channels=1: (B, 1, H, W) batches of PIL's L conversion, training and .bin loaders."""
+    root, arrays, labels = small_rec
+    write_bin(root / "pairs.bin", [_encode(a, "PNG") for a in arrays[:4]], [True, False])
+    dm = RecordDataModule(
+        path=str(root), image_size=16, batch_size=24, channels=1, flip=False, bins=["pairs"]
+    )
+    dm.setup("fit")
+    gray = [np.array(Image.fromarray(a).convert("L")) for a in arrays]
+    images, targets = next(iter(dm.train_dataloader()))
+    assert images.shape == (24, 1, 16, 16)
+    ref = sorted(
+        (y, normalize(torch.from_numpy(g)[None]).numpy().tobytes())
+        for g, y in zip(gray, labels, strict=True)
+    )
+    got = [(int(y), x.numpy().tobytes()) for x, y in zip(images, targets, strict=True)]
+    assert sorted(got) == ref
+    x, _ = next(iter(dm.val_dataloader()[0]))
+    assert x.shape == (4, 1, 16, 16)
+    assert torch.equal(x[2], normalize(torch.from_numpy(gray[2])[None]))
+    jpeg = decode_image(_encode(arrays[0], "JPEG"), size=(8, 8), channels=1)  # draft path
+    assert jpeg.shape == (1, 8, 8)
+    with pytest.raises(ValueError, match="channels"):
+        RecordDataModule(path=str(root), channels=2)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_undecodable_image_raises_or_is_skipped(tmp_path: Path, workers: int):
     rng = np.random.default_rng(4)

@@ -14,7 +14,10 @@ import torch
 from omegaconf import OmegaConf
 
 from data.datamodule import RecordDataModule
+from hf_softmax.classifier import SampledClassifier
+from hf_softmax.heads import build_head
 from hf_softmax.module import HFSoftmaxModule, NonFiniteError, WarmupSchedule, check_config
+from hf_softmax.samplers import build_sampler
 from tests.conftest import module_cfg
 
 
@@ -115,6 +118,56 @@ def test_holdout_top1_uses_predict_over_all_classes(rec_dm):
     w = module.classifier.weight
     cos = torch.nn.functional.normalize(feats) @ torch.nn.functional.normalize(w).t()
     assert torch.equal(module.classifier.predict(feats, chunk_size=5), cos.argmax(1))
+
+
+def test_accuracy_is_plain_top1_not_margin():
+    """CosFace: an image of class 0 whose near-duplicate row 1 (cos 0.995) beats the target
+    once the margin is taken off it. Plain top-1 gets it right; the margin logits do not."""
+    head = build_head("cosface", scale=64.0, margin=0.4)
+    clf = SampledClassifier(4, 8, build_sampler({"name": "full", "num": 4}, 4, head.metric), head)
+    w = torch.eye(4, 8)
+    w[1] = w[0] + 0.1 * torch.eye(8)[1]
+    with torch.no_grad():
+        clf.weight.copy_(w)
+    labels = torch.tensor([0, 2, 3])
+    out = clf(w[labels].clone(), labels)
+    plain = head.plain_logits(w[labels], w)  # by hand: s * cos, no margin
+    assert float(out.accuracy) == float((plain.argmax(1) == labels).float().mean()) == 1.0
+    margin_acc = float((out.logits.argmax(1) == out.targets).float().mean())
+    assert margin_acc == pytest.approx(2 / 3)  # what train/acc used to log
+
+
+def test_train_acc_and_acc_full_by_hand(rec_dm):
+    """train/acc: plain top-1 within the active set; train/acc_full: over all N rows (lr 0, so
+    the rows after the step are the rows the step scored)."""
+    cfg = make_cfg("random", lr=0.0)
+    cfg["validation"]["acc_full_every"] = 2
+    module = HFSoftmaxModule(cfg, rec_dm.num_classes)
+    logged: dict[str, list[float]] = {}
+    log = module.log
+
+    def record(name, value, *args, **kw):
+        logged.setdefault(name, []).append(float(value))
+        return log(name, value, *args, **kw)
+
+    module.log = record
+    want: dict[str, list[float]] = {"train/acc": [], "train/acc_full": []}
+
+    class Hand(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            feats, ids, labels = outputs["features"], outputs["active_ids"], batch[1]
+            w, head = pl_module.classifier.weight, pl_module.classifier.head
+            targets = torch.stack([torch.nonzero(ids == y)[0, 0] for y in labels])
+            plain = head.plain_logits(feats, w[ids]).argmax(1)
+            want["train/acc"].append(float((plain == targets).float().mean()))
+            if batch_idx % 2 == 0:
+                full = head.plain_logits(feats, w).argmax(1)
+                want["train/acc_full"].append(float((full == labels).float().mean()))
+
+    trainer(4, [Hand()], max_epochs=1).fit(module, datamodule=rec_dm)
+    assert len(want["train/acc"]) == 4 and len(want["train/acc_full"]) == 2
+    for key, values in want.items():
+        assert logged[key] == pytest.approx(values), key
 
 
 def test_nonfinite_loss_stops_naming_step_and_sampler(rec_dm):
