@@ -555,6 +555,7 @@ def closed_set_top1(
 
 def resolve_top1_recs(value: Any) -> list[Path]:
     """``top1_rec``: a .rec path, a directory holding ``test.rec``, or a list of them."""
+    value = _plain(value)  # a ListConfig from the command line
     entries = value if isinstance(value, list | tuple) else [value]
     out = []
     for entry in entries:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import pickle
@@ -31,12 +33,10 @@ def _demo_overrides(root: Path) -> list[str]:
     return [f"++data.demo_kwargs.{k}={v}" for k, v in {**DEMO, "root": str(root)}.items()]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
-    """A real checkpoint: train.py's fast_dev_run on a tiny demo with a held-out split."""
+def _train(tmp: Path, *extra: str) -> dict:
+    """train.py's fast_dev_run on a tiny demo with a held-out split -> its checkpoint."""
     import train
 
-    tmp = tmp_path_factory.mktemp("evaluate")
     demo_root = tmp / "demo"
     run = tmp / "run"
     cfg = _compose(
@@ -50,6 +50,7 @@ def trained(tmp_path_factory) -> dict:
             "data.val_fraction=0.2",
             "sampler.num=24",
             *_demo_overrides(demo_root),
+            *extra,
         ],
     )
     train.train(cfg)
@@ -57,7 +58,25 @@ def trained(tmp_path_factory) -> dict:
     assert ckpts, f"train.py wrote no checkpoint under {run}"
     from data.demo import demo_dir
 
-    return {"ckpt": ckpts[-1], "demo_root": demo_root, "demo_dir": demo_dir(demo_root, **DEMO)}
+    return {
+        "ckpt": ckpts[-1],
+        "demo_root": demo_root,
+        "demo_dir": demo_dir(demo_root, **DEMO),
+        "cfg": cfg,
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A real checkpoint (RGB, random flips)."""
+    return _train(tmp_path_factory.mktemp("evaluate"))
+
+
+@pytest.fixture(scope="module")
+def trained_gray(tmp_path_factory) -> dict:
+    """A real grayscale checkpoint without flips: model.in_channels=1, data.flip=false."""
+    tmp = tmp_path_factory.mktemp("evaluate_gray")
+    return _train(tmp, "model.in_channels=1", "data.flip=false")
 
 
 def _eval_cfg(trained: dict, out: Path, *extra: str):
@@ -282,3 +301,139 @@ def test_classifier_rows_not_read_into_memory(trained, tmp_path) -> None:
     loaded = ev.load_checkpoint(path)
     assert rss_mib() - before < 50  # vs 195 MiB of classifier rows on disk
     assert loaded.state_dict["classifier.weight"].shape == (n, 128)
+
+
+# ---------------------------------------------------------------------------------------------
+# closed-set top-1 / top-5 on a labelled .rec (top1_rec) and grayscale checkpoints
+
+
+def _write_rec(path: Path, labels: list[int], size: int = 32, seed: int = 0) -> list[bytes]:
+    """A plain-layout .rec/.idx (key i = image i, label = labels[i]) of random PNG images."""
+    from PIL import Image
+
+    from data.recordio import IRHeader, RecordWriter, pack
+
+    rng = np.random.default_rng(seed)
+    pngs = []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with RecordWriter(path, path.with_suffix(".idx")) as w:
+        for key, label in enumerate(labels):
+            small = rng.integers(0, 256, (4, 4, 3)).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(small).resize((size, size), Image.BILINEAR).save(buf, format="PNG")
+            pngs.append(buf.getvalue())
+            w.write_idx(key, pack(IRHeader(0, float(label), key, 0), pngs[-1]))
+    return pngs
+
+
+def _dense_reference(ckpt_path: Path, pngs: list[bytes], flip: bool, channels: int = 3):
+    """Slow oracle: the whole (n, N) plain-logit matrix -> (top-1 ids (n,), top-5 ids (n, 5))."""
+    from data.transforms import decode_image, normalize
+    from hf_softmax.module import HFSoftmaxModule
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    module = HFSoftmaxModule(ckpt["hyper_parameters"]["cfg"], DEMO["num_classes"]).eval()
+    module.load_state_dict(ckpt["state_dict"], strict=False)
+    x = normalize(torch.stack([decode_image(p, channels=channels) for p in pngs]))
+    with torch.no_grad():
+        f = module.backbone(x) + (module.backbone(x.flip(-1)) if flip else 0)
+        logits = module.classifier.head.plain_logits(f, module.classifier.weight)  # (n, N)
+    return logits.argmax(1), logits.topk(5, dim=1).indices
+
+
+def test_top1_rec_matches_dense_reference(trained, tmp_path) -> None:
+    """top1_rec (a dir with test.rec, and a .rec file): top-1/top-5 over all N rows, chunked,
+    == argmax/topk of the dense logits; per-class CSV; metrics.json/metrics.csv keys."""
+    n = DEMO["num_classes"]
+    labels = [int(c) for c in np.random.default_rng(1).integers(0, n, 30)]
+    pngs = _write_rec(tmp_path / "glyphs" / "test.rec", labels)
+    _write_rec(tmp_path / "more" / "extra.rec", [0, 1, n - 1], seed=2)
+    out = tmp_path / "out"
+    recs = f"top1_rec=[{tmp_path / 'glyphs'},{tmp_path / 'more' / 'extra.rec'}]"
+    summary = ev.evaluate(_eval_cfg(trained, out, recs, "top1_chunk_size=7"))
+    assert summary["flip"] is True  # the checkpoint trained with data.flip=true
+
+    top1, top5 = _dense_reference(trained["ckpt"], pngs, flip=True)
+    y = torch.tensor(labels)
+    hit1, hit5 = (top1 == y).numpy(), (top5 == y[:, None]).any(1).numpy()
+    res = summary["closed_set"]["test"]
+    assert res["images"] == 30 and res["classes"] == n
+    assert res["top1"] == pytest.approx(hit1.mean())
+    assert res["top5"] == pytest.approx(hit5.mean())
+    assert set(summary["closed_set"]) == {"test", "extra"}
+
+    rows = list(csv.DictReader(open(out / "per_class_test.csv")))
+    assert list(rows[0]) == ["class", "images", "top1_correct", "top5_correct"]
+    want = {}
+    for c, a, b in zip(labels, hit1, hit5, strict=True):
+        counts = want.setdefault(c, [0, 0, 0])
+        counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + int(a), counts[2] + int(b)
+    assert {int(r["class"]): [int(r["images"]), int(r["top1_correct"]), int(r["top5_correct"])]
+            for r in rows} == want  # fmt: skip
+
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["metrics"]["test/top1"] == res["top1"]
+    assert saved["metrics"]["test/top5"] == res["top5"]
+    assert saved["metrics"]["extra/images"] == 3
+    assert "pairs/acc" in saved["metrics"]
+    table = {r["set"]: r for r in csv.DictReader(open(out / "metrics.csv"))}
+    assert float(table["test"]["top5"]) == pytest.approx(res["top5"])
+    assert table["pairs"]["acc"] and not table["test"]["acc"]
+
+
+def test_top1_rec_label_out_of_range(trained, tmp_path) -> None:
+    n = DEMO["num_classes"]
+    bad = tmp_path / "bad.rec"
+    _write_rec(bad, [0, n, 1])
+    with pytest.raises(ev.EvaluateError, match=rf"bad\.rec: record key 1 has label {n}, "
+                       rf"expected 0\.\.{n - 1} \(top1_rec"):  # fmt: skip
+        ev.evaluate(_eval_cfg(trained, tmp_path / "o", f"top1_rec={bad}"))
+    with pytest.raises(ev.EvaluateError, match="no RecordIO file"):
+        ev.evaluate(_eval_cfg(trained, tmp_path / "o", f"top1_rec={tmp_path / 'none'}"))
+
+
+def test_grayscale_checkpoint_end_to_end(trained_gray, tmp_path) -> None:
+    """model.in_channels=1 trains on (B, 1, H, W) batches with a 1-channel first conv;
+    evaluate.py decodes .bin and top1_rec images as grayscale and follows data.flip=false."""
+    import hydra
+
+    from hf_softmax.module import HFSoftmaxModule
+
+    cfg = trained_gray["cfg"]
+    dm = hydra.utils.instantiate(cfg.data)  # the DataModule train.py built
+    dm.setup("fit")
+    images, _ = next(iter(dm.train_dataloader()))
+    assert images.shape == (16, 1, 32, 32)
+    assert not dm.train_dataset.flip
+
+    ckpt = torch.load(trained_gray["ckpt"], map_location="cpu", weights_only=False)
+    saved = ckpt["hyper_parameters"]["cfg"]
+    assert saved["data"]["channels"] == 1 and saved["data"]["flip"] is False
+    assert saved["validation"]["flip"] is False
+    assert ckpt["state_dict"]["backbone.body.0.0.weight"].shape[1] == 1  # first conv: 1 channel
+    assert HFSoftmaxModule(saved, DEMO["num_classes"]).val_flip is False
+
+    labels = [3, 3, 7, 11, 40, 47]
+    pngs = _write_rec(tmp_path / "test.rec", labels)
+    out = tmp_path / "out"
+    summary = ev.evaluate(_eval_cfg(trained_gray, out, f"top1_rec={tmp_path / 'test.rec'}"))
+    assert summary["flip"] is False and summary["model"]["in_channels"] == 1
+    top1, top5 = _dense_reference(trained_gray["ckpt"], pngs, flip=False, channels=1)
+    y = torch.tensor(labels)
+    assert summary["closed_set"]["test"]["top1"] == pytest.approx(float((top1 == y).float().mean()))
+    assert summary["closed_set"]["test"]["top5"] == pytest.approx(
+        float((top5 == y[:, None]).any(1).float().mean())
+    )
+
+    # .bin embeddings: grayscale, no flip TTA
+    from data.transforms import decode_image, normalize
+
+    feats = np.load(out / "features" / "pairs.npy")
+    vs = load_bin(trained_gray["demo_dir"] / "pairs.bin")
+    x = normalize(decode_image(vs.images[0], size=(32, 32), channels=1))[None]
+    loaded = ev.load_checkpoint(trained_gray["ckpt"])
+    with torch.no_grad():
+        e = loaded.backbone(x)[0]
+    np.testing.assert_allclose(feats[0], (e / e.norm()).numpy(), atol=1e-5)
+    flipped = ev.evaluate(_eval_cfg(trained_gray, tmp_path / "o2", "flip=true"))
+    assert flipped["flip"] is True
