@@ -55,6 +55,22 @@ def test_defaults(tmp_path):
     check_config(cfg, num_classes=2000)
 
 
+@pytest.mark.parametrize("data", options("data"))
+def test_flip_and_channels_follow_data_and_model(data, tmp_path, mxnet_rec_dir):
+    """validation.flip follows data.flip; data.channels follows model.in_channels."""
+    extra = [f"data.path={mxnet_rec_dir}"] if data == "rec" else []
+    cfg = compose_train([f"data={data}", *extra], tmp_path)
+    assert cfg.data.flip is True and cfg.validation.flip is True
+    assert cfg.model.in_channels == 3 and cfg.data.channels == 3
+    assert cfg.validation.acc_full_every == 50
+    gray = ["data.flip=false", "model.in_channels=1"]
+    cfg = compose_train([f"data={data}", *extra, *gray], tmp_path)
+    assert cfg.validation.flip is False and cfg.data.channels == 1
+    dm = instantiate(cfg.data)
+    assert dm.flip is False and dm.channels == 1
+    assert build_backbone(**cfg.model).in_channels == 1
+
+
 @pytest.mark.parametrize(
     "group,option", [(g, o) for g in GROUPS if g != "experiment" for o in options(g)]
 )
