@@ -224,7 +224,6 @@ class ShardedHeadOutput(HeadOutput):
     global argmax == target, scalar (``_plain_hit``).
     local_ids: (M_r,) the same ids local to the shard (indices into ``weight``)."""
 
-    accuracy: torch.Tensor | None = None
     local_ids: torch.Tensor | None = None
 
 
