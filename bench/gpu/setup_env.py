@@ -23,28 +23,22 @@ from bench.gpu.proc import run_bounded
 
 TORCH_INDEX = "https://download.pytorch.org/whl/cu128"
 VENV = ".venv-gpu"
-# what the probe imports besides torch: the project's run-time dependencies
-DEPS = (
-    "pytorch_lightning",
-    "hydra",
-    "omegaconf",
-    "annoy",
-    "hnswlib",
-    "torchmetrics",
-    "numpy",
-    "PIL",
-    "pytest",
-)
+# the project's run-time dependencies (module: distribution), checked without importing them
+DEPS = {"pytorch_lightning": "pytorch-lightning", "hydra": "hydra-core", "omegaconf": "omegaconf",
+        "annoy": "annoy", "hnswlib": "hnswlib", "torchmetrics": "torchmetrics", "numpy": "numpy",
+        "PIL": "pillow", "pytest": "pytest"}  # fmt: skip
 
 PROBE = r"""
-import importlib, json, platform, sys
+import importlib.metadata as md, importlib.util, json, platform, sys
 out = {"python": sys.executable, "python_version": platform.python_version(), "missing": []}
-for mod in DEPS:
+for mod, dist in DEPS.items():
+    if importlib.util.find_spec(mod) is None:
+        out["missing"].append(mod)
+        continue
     try:
-        m = importlib.import_module(mod)
-        out[mod] = getattr(m, "__version__", "?")
-    except Exception as exc:
-        out["missing"].append(f"{mod} ({type(exc).__name__})")
+        out[mod] = md.version(dist)
+    except md.PackageNotFoundError:
+        out[mod] = "?"
 import torch
 out["torch"] = torch.__version__
 out["torch_cuda"] = torch.version.cuda

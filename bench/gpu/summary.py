@@ -105,13 +105,14 @@ def build(
     return summary
 
 
-def render_markdown(s: dict[str, Any], level: int = 1) -> str:
-    """The summary as Markdown; ``level``: heading level of the title (sections one deeper)."""
+def render_markdown(s: dict[str, Any], level: int = 1, title: str | None = None) -> str:
+    """The summary as Markdown; ``level``: heading level of the title (sections one deeper);
+    ``title``: what precedes the device and date (default: GPU check / dry run on CPU)."""
     h, hh = "#" * level, "#" * (level + 1)
     st = s.get("setup") or {}
     kind = "dry run on CPU" if s.get("dry_run") else "GPU check"
     lines = [
-        f"{h} {kind}: {s['device']}, {s['date']}",
+        f"{h} {title or kind}: {s['device']}, {s['date']}",
         "",
         f"`bash bench/gpu_check.sh{' --dry-run' if s.get('dry_run') else ''}` on {s['host']}: "
         f"{s['total_seconds']:.0f} s of a {s['budget_seconds']:.0f} s budget. Python "
