@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ts = time.monotonic()
     setup = setup_env.choose(
-        REPO, out, args.dry_run, min(args.install_timeout, clock.left("setup"))
+        REPO, out, args.dry_run, args.install_timeout, limit=clock.left("setup")
     )
     parts["setup"] = {
         "status": "ok",
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             "-rs",
             "-p",
             "no:cacheprovider",
+            "-o",
+            "addopts=",  # setup.cfg's --timeout needs pytest-timeout; the part has its own limit
             f"--junitxml={out / 'pytest_cuda.xml'}",
         ],
         "train": [

@@ -125,30 +125,41 @@ def nvidia_smi(log: Path) -> str:
     return text
 
 
-def choose(repo: Path, out: Path, dry_run: bool, install_limit: float) -> dict[str, Any]:
+def choose(
+    repo: Path, out: Path, dry_run: bool, install_limit: float, limit: float = 120.0
+) -> dict[str, Any]:
     """-> setup record: ``python`` (what runs the other parts), ``cuda``, ``how``, versions,
     ``install_seconds``, ``install`` (what happened), ``nvidia_smi``; also written to
-    ``out/setup.json``."""
+    ``out/setup.json``. ``limit``: seconds for the whole set-up (a probe that hangs, e.g. on a
+    broken driver, is cut at what is left)."""
+    end = time.monotonic() + limit
+
+    def left() -> float:
+        return max(5.0, end - time.monotonic())
+
     log = out / "setup.log"
     out.mkdir(parents=True, exist_ok=True)
     rec: dict[str, Any] = {"install": "not needed", "install_seconds": 0.0}
     chosen: dict[str, Any] | None = None
     probed: dict[str, dict[str, Any] | None] = {}
     for py in candidates(repo):
-        info = probed[py] = probe(py, log)
+        info = probed[py] = probe(py, log, min(90.0, left()))
         if usable(info):
             chosen, rec["how"] = info, f"existing environment with CUDA torch ({py})"
             break
     if chosen is None and dry_run:
         rec["install"] = "skipped (dry run)"
     elif chosen is None:
-        ok, seconds, what = install(repo, log, install_limit)
+        ok, seconds, what = install(repo, log, min(install_limit, left()))
         rec["install_seconds"], rec["install"] = round(seconds, 1), what
-        info = probe(str(repo / VENV / "bin" / "python"), log) if ok else None
+        info = probe(str(repo / VENV / "bin" / "python"), log, left()) if ok else None
         if usable(info):
             chosen, rec["how"] = info, f"fresh {VENV} (README GPU install line)"
     if chosen is None:
-        info = probed[sys.executable] if sys.executable in probed else probe(sys.executable, log)
+        if sys.executable in probed:
+            info = probed[sys.executable]
+        else:
+            info = probe(sys.executable, log, left())
         chosen = info or {"python": sys.executable, "cuda": False, "missing": ["torch"]}
         if dry_run:
             rec["how"] = "the running Python (dry run: CPU)"
