@@ -101,8 +101,8 @@ def install(repo: Path, log: Path, limit: float) -> tuple[bool, float, str]:
         "10",
     ]
     steps = []
-    if not py.exists():
-        steps.append([sys.executable, "-m", "venv", str(venv)])
+    if not (venv / "bin" / "pip").exists():  # absent, or left half-made by a cut-off attempt
+        steps.append([sys.executable, "-m", "venv", "--clear", str(venv)])
     steps += [pip + ["torch", "--index-url", TORCH_INDEX], pip + ["-e", ".[dev]"]]
     for cmd in steps:
         ran = run_bounded(cmd, limit - (time.monotonic() - t0), log, cwd=repo)
