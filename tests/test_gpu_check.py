@@ -9,13 +9,12 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from bench.all import gpu_section
 from tests.conftest import REPO
 
 
-@pytest.mark.slow  # ~50-70 s on 2 shared cores: seven interpreter starts (train.py, pytest, ...)
+# ~40 s on 2 cores (70 s when other jobs hold them): seven interpreter starts. Kept in the
+# default suite on purpose: CI running it is what keeps the GPU check from rotting.
 def test_dry_run_writes_well_formed_summaries(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "OUT": str(out), "WANDB_MODE": "offline"}
