@@ -4,9 +4,12 @@
     python -m bench.all                # the whole grid (an hour or more on 2 cores)
     python -m bench.all --large        # + N = 1e7 at D = 128 (~10 GB of host memory)
     python -m bench.all --reuse        # re-render the doc from docs/bench/*.json only
+    python -m bench.all --reuse --gpu-results gpu_results   # + the GPU check's section
 
 Each section's raw numbers are kept in docs/bench/<name>.json; ``--only`` runs some sections
-and re-renders the others from their last JSON (``--reuse`` runs none).
+and re-renders the others from their last JSON (``--reuse`` runs none). ``--gpu-results DIR``
+takes the ``summary.json`` that ``bash bench/gpu_check.sh`` wrote there (kept as
+docs/bench/gpu_check.json, so later re-renders keep it) into a "GPU" section.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 # Before torch loads OpenMP (see bench.head_speed).
@@ -40,6 +45,7 @@ from bench.common import (  # noqa: E402
 log = logging.getLogger("bench.all")
 
 SECTIONS = ("data_throughput", "head_speed", "index_cost", "accuracy")
+GPU_JSON = "gpu_check.json"  # docs/bench/: the last GPU check's summary.json
 
 
 def _load(name: str) -> dict[str, Any] | None:
@@ -276,6 +282,9 @@ def write_doc(
             "",
             accuracy.render(acc),
         ]
+    gpu = gpu_section(OUT_DIR / GPU_JSON)
+    if gpu:
+        parts += ["", gpu]
     dt_md = OUT_DIR / "data_throughput.md"
     if dt_md.exists():
         parts += ["", "## Data pipeline (`bench/data_throughput.py`)", "", dt_md.read_text()]
@@ -288,6 +297,18 @@ def write_doc(
     DOCS.mkdir(parents=True, exist_ok=True)
     (DOCS / "benchmarks.md").write_text(text)
     return text
+
+
+def gpu_section(results: Path) -> str | None:
+    """ "GPU" section from a GPU check's ``summary.json`` (``results``: the file or its dir)."""
+    from bench.gpu.summary import render_markdown
+
+    path = results / "summary.json" if results.is_dir() else results
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    text = render_markdown(summary, level=2, title="GPU (`bash bench/gpu_check.sh`)")
+    return text + f"\n\nRaw numbers: `docs/bench/{GPU_JSON}` (the check's `summary.json`)."
 
 
 def read_notes() -> list[str]:
@@ -304,8 +325,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     p.add_argument("--reuse", action="store_true", help="run nothing, re-render from JSON")
+    p.add_argument("--gpu-results", type=Path, help="a GPU check's output dir (summary.json)")
     args = p.parse_args(argv)
     setup_run(args.threads)
+    if args.gpu_results:
+        found = args.gpu_results / "summary.json"
+        if found.exists():
+            OUT_DIR.mkdir(parents=True, exist_ok=True)
+            shutil.copy(found, OUT_DIR / GPU_JSON)
+            log.info("GPU section from %s", found)
+        else:
+            log.warning("--gpu-results: no %s; the GPU section is left as it was", found)
     command = "python -m bench.all" + ("".join(" " + shlex.quote(a) for a in sys.argv[1:]))
     to_run = [] if args.reuse else list(args.only or SECTIONS)
     previous = _load("machine")

@@ -3,7 +3,10 @@
 Samplers: ``full`` (W an ``nn.Parameter`` over all N classes + ``torch.optim.SGD`` with
 momentum, i.e. the real ``SampledClassifier`` with the dense ``full`` sampler, as a user
 would train a plain softmax), ``random``, ``annoy``, ``hnsw``, ``exact`` (the real samplers
-from ``hf_softmax.samplers`` behind the real ``SampledClassifier`` with its sparse update).
+from ``hf_softmax.samplers`` behind the real ``SampledClassifier`` with its sparse update), and
+``dense-update`` (not in the default grid): the random sampler's M rows, but W is one
+``nn.Parameter`` whose dense (N, D) gradient and momentum torch SGD updates over all N rows
+every step, as Partial FC v2 does.
 
 Grid: N in {1e4, 1e5, 1e6} x D in {128, 256, 512}, B = 256, M = 1000; ``--quick`` keeps
 D = 256; ``--large`` adds N = 1e7 at D = 128 with W in host memory (``offload``).
@@ -32,6 +35,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 from bench.common import (  # noqa: E402
     PeakMemory,
@@ -53,13 +58,15 @@ from bench.common import (  # noqa: E402
     sync,
     write_json,
 )
-from hf_softmax.classifier import SampledClassifier  # noqa: E402
+from hf_softmax.classifier import HeadOutput, SampledClassifier  # noqa: E402
 from hf_softmax.heads import build_head  # noqa: E402
 from hf_softmax.samplers import build_sampler  # noqa: E402
 
 log = logging.getLogger("bench.head_speed")
 
 SAMPLERS = ("full", "random", "annoy", "hnsw", "exact")
+DENSE_UPDATE = "dense-update"  # random rows, dense N x D optimizer update (Partial FC v2)
+VARIANTS = (*SAMPLERS, DENSE_UPDATE)
 FULL_GRID = [(n, d) for n in (10_000, 100_000, 1_000_000) for d in (128, 256, 512)]
 QUICK_GRID = [(n, 256) for n in (10_000, 100_000, 1_000_000)]
 LARGE_POINT = (10_000_000, 128)
@@ -104,7 +111,7 @@ def _mem_available() -> int:
 def estimated_bytes(sampler: str, n: int, d: int) -> int:
     """Rough peak host bytes of one configuration (W, momentum, grads, index build)."""
     row = n * d * 4
-    if sampler == "full":
+    if sampler in ("full", DENSE_UPDATE):
         return 3 * row  # weight, grad, momentum
     base = 2 * row  # weight + momentum
     if sampler == "annoy":
@@ -123,13 +130,46 @@ def hnsw_quick_knobs(n: int, quick: bool) -> dict[str, Any]:
     return {"m": 8, "ef_construction": 40} if quick and n >= 1_000_000 else {}
 
 
+class DenseUpdateClassifier(nn.Module):
+    """Partial FC v2's update on the ``random`` sampler's active set.
+
+    W (N, D) is one ``nn.Parameter``: the M rows are gathered inside autograd, so backward
+    writes a dense (N, D) gradient (zeros outside A) and ``torch.optim.SGD`` with momentum and
+    weight decay moves all N rows and their momentum every step: O(N * D) per step, the cost
+    the lazy sparse update avoids. Same interface as ``SampledClassifier`` for ``HeadBench``.
+    """
+
+    dense = True
+
+    def __init__(self, sampler, head: nn.Module, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.sampler = sampler
+        self.head = head
+        self.weight = nn.Parameter(weight.detach())
+
+    def place(self, device: torch.device | str) -> None:
+        self.to(device)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
+        """features (B, D), labels (B,) -> loss over the M active rows (logits (B, M))."""
+        active = self.sampler.select(features.detach(), labels)
+        rows = self.weight.index_select(0, active.ids.to(self.weight.device))  # (M, D)
+        targets = active.targets.to(features.device, non_blocking=True)
+        logits = self.head(features, rows, targets)
+        return HeadOutput(F.cross_entropy(logits, targets), logits, targets, active)
+
+    def sparse_step(self, lr: float) -> None:  # the torch optimizer owns W
+        pass
+
+
 class HeadBench:
     """The real classifier for one (sampler, N, D) and its timed training step.
 
     ``shared``: (W, momentum) storage to install instead of the classifier's own, so the
     sparse samplers of one grid point can live side by side (timed in alternating rounds)
     without one N x D copy each; what the benchmark measures (time) does not depend on the
-    values in W.
+    values in W. ``weight``: initial W (N, D) used in place (its device and pinning kept),
+    e.g. made on the GPU; default: family rows generated on the host.
     """
 
     def __init__(
@@ -147,32 +187,45 @@ class HeadBench:
         shared: tuple[torch.Tensor, torch.Tensor] | None = None,
         seed: int = 0,
         pool: int = 8,
+        weight: torch.Tensor | None = None,
     ) -> None:
         self.name = sampler_name
         self.device = torch.device(device)
         self.knobs = knobs
         head_module = build_head(head)
-        cfg = sampler_config(sampler_name, num, **knobs)
+        dense_update = sampler_name == DENSE_UPDATE
+        cfg = sampler_config("random" if dense_update else sampler_name, num, **knobs)
         sampler = build_sampler(cfg, n, head_module.metric, seed)
-        self.clf = SampledClassifier(n, d, sampler, head_module, offload=offload, seed=seed)
-        if shared is not None and not sampler.dense:
-            self.clf.weight, self.clf.momentum_buffer = shared
+        if dense_update:
+            if weight is None:
+                weight = torch.from_numpy(family_rows(n, d, seed=seed, scale=0.05))
+            self.clf = DenseUpdateClassifier(sampler, head_module, weight)
         else:
-            # W := class vectors in families (fills the classifier's own storage in place).
-            family_rows(n, d, seed=seed, scale=0.05, out=self.clf.weight.detach().numpy())
+            self.clf = SampledClassifier(
+                n, d, sampler, head_module, offload=offload, seed=seed, weight=weight
+            )
+            if weight is not None:
+                pass  # W given: used as is
+            elif shared is not None and not sampler.dense:
+                self.clf.weight, self.clf.momentum_buffer = shared
+            else:
+                # W := class vectors in families (fills the classifier's own storage in place).
+                family_rows(n, d, seed=seed, scale=0.05, out=self.clf.weight.detach().numpy())
         self.clf.place(self.device)
         self.opt = (
             torch.optim.SGD(self.clf.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
-            if sampler.dense
+            if self.clf.dense
             else None
         )
         rng = np.random.default_rng(seed + 1)
-        w = self.clf.weight.detach().cpu().numpy()
+        w_all = self.clf.weight.detach()
         self.batches = []
         for _ in range(pool):
             labels = rng.integers(0, n, batch)
             if features == "clustered":
-                feats = features_near(w, labels, noise=0.5, rng=rng)
+                # only the labels' rows leave W's device (W may be 10^7 rows on a GPU)
+                w = w_all[torch.from_numpy(labels).to(w_all.device)].cpu().numpy()  # (B, D)
+                feats = features_near(w, np.arange(batch), noise=0.5, rng=rng)
             else:
                 feats = rng.standard_normal((batch, d), dtype=np.float32)
             self.batches.append(
@@ -235,8 +288,8 @@ class HeadBench:
 
 
 def _state_bytes(sampler: str, n: int, d: int) -> int:
-    """W + momentum (+ gradient for the dense baseline), float32."""
-    return (3 if sampler == "full" else 2) * n * d * 4
+    """W + momentum (+ gradient for the dense baseline and dense-update), float32."""
+    return (3 if sampler in ("full", DENSE_UPDATE) else 2) * n * d * 4
 
 
 def bench_point(
@@ -521,7 +574,7 @@ def plot(rows: list[dict[str, Any]], name: str = "head_speed.png"):
     dims = sorted({r["dim"] for r in rows})
     fig, axes = plt.subplots(1, len(dims), figsize=(5 * len(dims), 4), squeeze=False)
     for ax, d in zip(axes[0], dims, strict=True):
-        for s in SAMPLERS:
+        for s in VARIANTS:
             pts = sorted(
                 (r["num_classes"], r["step_s"])
                 for r in rows
@@ -544,7 +597,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="D = 256 only, few repeats")
     p.add_argument("--large", action="store_true", help="add N = 1e7, D = 128 (offload)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
+    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=VARIANTS)
     p.add_argument("--large-samplers", nargs="+", default=["random", "annoy", "exact"])
     p.add_argument("--n", type=int, nargs="+", help="override the grid's N values")
     p.add_argument("--d", type=int, nargs="+", help="override the grid's D values")

@@ -80,6 +80,8 @@ class SampledClassifier(nn.Module):
     touched-row mask and the sampler's RNG. ``offload``: W stays in host memory (pinned when
     the compute device is CUDA); ``module.to(device)`` never moves it. Without offload,
     ``module.to(device)`` (and ``place``) moves W and momentum with the module.
+    ``weight``: initial W (N, D) float32, used in place on its device (e.g. generated on the
+    GPU or in pinned memory for a 10^7-class benchmark); default N(0, ``init_std``) from ``seed``.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class SampledClassifier(nn.Module):
         offload: bool = False,
         init_std: float = 0.01,
         seed: int = 0,
+        weight: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if sampler.num_classes != num_classes:
@@ -114,14 +117,25 @@ class SampledClassifier(nn.Module):
         self.weight_decay = float(weight_decay)
         self.offload = bool(offload)
         self.dense = bool(sampler.dense)
-        gen = torch.Generator().manual_seed(seed)
-        w = torch.empty(num_classes, embedding_dim).normal_(0.0, init_std, generator=gen)
+        if weight is None:
+            gen = torch.Generator().manual_seed(seed)
+            w = torch.empty(num_classes, embedding_dim).normal_(0.0, init_std, generator=gen)
+        elif tuple(weight.shape) != (num_classes, embedding_dim):
+            raise ValueError(
+                f"classifier: weight has shape {tuple(weight.shape)}, expected "
+                f"({num_classes}, {embedding_dim}) (num_classes, embedding_dim)"
+            )
+        else:
+            w = weight.detach()  # used as is (no copy): its device and pinning are kept
         if self.dense:
             self.weight = nn.Parameter(w)
             self.momentum_buffer: torch.Tensor | None = None
         else:
             self.weight = w  # plain attribute: outside autograd, parameters() and buffers()
-            self.momentum_buffer = torch.zeros_like(w)
+            # same place as W; pinned with a pinned W, so offload needs no second copy
+            self.momentum_buffer = torch.zeros(
+                w.shape, dtype=w.dtype, device=w.device, pin_memory=w.is_pinned()
+            )
         self._touched = torch.zeros(num_classes, dtype=torch.bool)
         self.num_updates = 0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None

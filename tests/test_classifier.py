@@ -140,3 +140,14 @@ def test_no_grad_forward_keeps_no_pending_step():
     assert out.rows is None
     clf.sparse_step(0.1)
     assert torch.equal(clf.weight, before) and clf.num_updates == 0
+
+
+def test_given_weight_is_used_in_place():
+    w = torch.randn(N, D)
+    h = build_head("cosface")
+    clf = SampledClassifier(N, D, build_sampler({"name": "random", "num": 15}, N, h.metric), h,
+                            weight=w)  # fmt: skip
+    assert clf.weight.data_ptr() == w.data_ptr()
+    assert torch.equal(clf.momentum_buffer, torch.zeros(N, D))
+    with pytest.raises(ValueError, match=r"weight has shape \(3, 8\)"):
+        SampledClassifier(N, D, clf.sampler, h, weight=torch.zeros(3, D))
