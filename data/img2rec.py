@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.layout import write_property
-from data.recordio import IRHeader, RecordIOError, RecordWriter, pack
+from data.layout import write_insightface, write_property
+from data.recordio import RecordIOError
 
 log = logging.getLogger(__name__)
 
@@ -109,21 +109,16 @@ def images_to_rec(src: str | Path, out: str | Path) -> int:
     labels = np.array([label for _, label in items], dtype=np.int64)
     order = np.argsort(labels, kind="stable")
     num_classes = int(labels.max()) + 1
-    imgnum = len(items) + 1
-    totnum = imgnum + num_classes
     out.mkdir(parents=True, exist_ok=True)
     size = image_size(items[order[0]][0])
-    with RecordWriter(out / "train.rec", out / "train.idx") as writer:
-        writer.write_idx(0, pack(IRHeader(2, [imgnum, totnum], 0, 0), b""))
-        for key, i in enumerate(tqdm(order.tolist(), desc="img2rec", unit="img"), 1):
-            path, label = items[i]
-            writer.write_idx(key, pack(IRHeader(0, float(label), key, 0), path.read_bytes()))
-        # identity records: class c owns keys first..end-1 (empty range if it has no images)
-        starts = np.searchsorted(labels[order], np.arange(num_classes + 1)) + 1
-        for c in range(num_classes):
-            key = imgnum + c
-            rng = [int(starts[c]), int(starts[c + 1])]
-            writer.write_idx(key, pack(IRHeader(2, rng, key, 0), b""))
+    paths = (items[i][0] for i in tqdm(order.tolist(), desc="img2rec", unit="img"))
+    write_insightface(
+        out / "train.rec",
+        out / "train.idx",
+        labels[order],
+        (p.read_bytes() for p in paths),
+        num_classes,
+    )
     write_property(out / "property", num_classes, size)
     if names is not None:
         (out / "classes.txt").write_text("".join(f"{n}\n" for n in names))

@@ -16,12 +16,14 @@ nothing is cached on disk.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from data.recordio import RecordIOError, RecordReader, unpack
+from data.recordio import IRHeader, RecordIOError, RecordReader, RecordWriter, pack, unpack
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,47 @@ def read_property(path: str | Path) -> tuple[int, tuple[int, int] | None]:
 def write_property(path: str | Path, num_classes: int, image_size: tuple[int, int]) -> None:
     """Write ``N,H,W`` (no newline, as InsightFace's tools do)."""
     Path(path).write_text(f"{num_classes},{image_size[0]},{image_size[1]}")
+
+
+def write_insightface(
+    rec_path: str | os.PathLike,
+    idx_path: str | os.PathLike,
+    labels,
+    payloads: Iterable[bytes],
+    num_classes: int,
+) -> tuple[int, int]:
+    """Write an InsightFace-layout .rec/.idx; returns ``(imgnum, totnum)``.
+
+    ``labels``: ``(n,)`` class ids, non-decreasing (images grouped by class); ``payloads``
+    yields the n encoded images in the same order (consumed lazily). Key 0 is the header
+    ``(imgnum, totnum)``, keys ``1..n`` the images, then one identity record per class with
+    the key range ``(first, end)`` of its images (empty for a class without images).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) and (np.diff(labels).min(initial=0) < 0 or labels[0] < 0):
+        raise RecordIOError(f"{rec_path}: labels must be non-negative and sorted by class")
+    if len(labels) and labels[-1] >= num_classes:
+        raise RecordIOError(
+            f"{rec_path}: label {int(labels[-1])} outside 0..{num_classes - 1} (num_classes)"
+        )
+    imgnum = len(labels) + 1
+    totnum = imgnum + num_classes
+    with RecordWriter(rec_path, idx_path) as writer:
+        writer.write_idx(0, pack(IRHeader(2, [imgnum, totnum], 0, 0), b""))
+        try:
+            for key, (label, data) in enumerate(zip(labels.tolist(), payloads, strict=True), 1):
+                writer.write_idx(key, pack(IRHeader(0, float(label), key, 0), data))
+        except ValueError as e:  # zip(strict=True): payloads and labels differ in length
+            raise RecordIOError(
+                f"{rec_path}: {e}; expected one image per label ({len(labels)})"
+            ) from None
+        # identity records: class c owns keys first..end-1 (empty range if it has no images)
+        starts = np.searchsorted(labels, np.arange(num_classes + 1)) + 1
+        for c in range(num_classes):
+            key = imgnum + c
+            rng = [int(starts[c]), int(starts[c + 1])]
+            writer.write_idx(key, pack(IRHeader(2, rng, key, 0), b""))
+    return imgnum, totnum
 
 
 def _insightface_header(reader: RecordReader) -> tuple[int, int] | None:

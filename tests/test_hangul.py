@@ -1,0 +1,77 @@
+"""The Hangul benchmark builder on a tiny set: 40 syllables, the TrueType Korean fonts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bench.hangul import APT_HINT
+from bench.hangul.build import BuildArgs, build
+from bench.hangul.fonts import select_faces
+from data.layout import read_layout
+from data.recordio import RecordReader, unpack
+from data.transforms import decode_image
+from data.verification import load_bin
+
+# TrueType only: scanning the Noto CJK collections' cmaps alone takes ~12 s
+FONT_DIRS = ("/usr/share/fonts/truetype",)
+ARGS = BuildArgs(classes=40, images_per_face=1, test_faces=3, pairs=60, font_dirs=FONT_DIRS)
+FILES = ("train.rec", "train.idx", "test.rec", "test.idx", "property", "pairs.bin",
+         "pairs_lookalike.bin")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def faces():
+    kept, _ = select_faces(FONT_DIRS, workers=2)
+    if len(kept) < 4:
+        pytest.skip(f"needs >= 4 full-coverage Korean font faces, found {len(kept)}: {APT_HINT}")
+    return kept
+
+
+@pytest.fixture(scope="module")
+def built(faces, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hangul")
+    a = build(ARGS, root / "a", workers=2)
+    b = build(ARGS, root / "b", workers=1)
+    return a, b
+
+
+def test_deterministic_across_builds_and_workers(built):
+    a, b = built
+    for name in FILES:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_layout_labels_and_counts(built, faces):
+    out = built[0]
+    manifest = json.loads((out / "manifest.json").read_text())
+    n_train, n_test = len(manifest["train_faces"]), len(manifest["test_faces"])
+    assert n_test == 3 and n_train == len(faces) - 3
+    train_ids = {f["id"] for f in manifest["train_faces"]}
+    assert not train_ids & {f["id"] for f in manifest["test_faces"]}
+    for name, per in (("train", n_train), ("test", n_test)):
+        reader = RecordReader(out / f"{name}.rec")
+        lay = read_layout(reader)
+        assert lay.kind == "insightface" and lay.num_classes == 40 and lay.image_size == (32, 32)
+        assert np.array_equal(lay.labels, np.repeat(np.arange(40), per))
+        assert lay.identity_ranges[len(lay) + 1] == (1, 1 + per)  # class 0 owns keys 1..per
+        _, png = unpack(reader.read_idx(1))
+        assert tuple(decode_image(png, name).shape) == (3, 32, 32)
+    assert manifest["counts"] == {"train_images": 40 * n_train, "test_images": 120,
+                                  "pairs": 60, "pairs_lookalike": 60}  # fmt: skip
+
+
+def test_pairs(built):
+    out = built[0]
+    test_png = set()
+    reader = RecordReader(out / "test.rec")
+    for key in range(1, 121):
+        test_png.add(unpack(reader.read_idx(key))[1])
+    for name in ("pairs", "pairs_lookalike"):
+        vs = load_bin(out / f"{name}.bin")
+        assert len(vs) == 60 and vs.issame.sum() == 30
+        assert set(vs.images) <= test_png  # only held-out faces
+        for p in range(len(vs)):  # the two images of a pair always differ (two faces)
+            assert vs.images[2 * p] != vs.images[2 * p + 1]
