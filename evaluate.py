@@ -729,8 +729,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         log.info("%s: %d pairs in %.1f s", vs.name, len(vs.issame), seconds)
 
     top1 = cfg.top1
-    if top1 == "auto":
-        top1 = not cfg.data.get("demo", False)
+    if top1 == "auto":  # data=rec with a held-out split (this run's or the checkpoint's)
+        split = cfg.data.get("val_fraction") or (loaded.train_cfg.get("data") or {}).get(
+            "val_fraction"
+        )
+        top1 = not cfg.data.get("demo", False) and bool(split)
     if top1:
         t0 = time.perf_counter()
         summary["top1"] = closed_set_top1(loaded, cfg, device, flip, out_dir)

@@ -282,6 +282,10 @@ def write_doc(
             "",
             accuracy.render(acc),
         ]
+    hangul_md = OUT_DIR / "hangul.md"
+    if hangul_md.exists():
+        parts += ["", "## Real images: the Hangul benchmark (`python -m bench.hangul run`)", ""]
+        parts += [hangul_md.read_text().rstrip()]
     gpu = gpu_section(OUT_DIR / GPU_JSON)
     if gpu:
         parts += ["", gpu]

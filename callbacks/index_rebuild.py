@@ -43,6 +43,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
+from hf_softmax.recall_target import RecallTarget
+
 log = logging.getLogger(__name__)
 
 
@@ -102,13 +104,14 @@ class IndexRebuild(pl.Callback):
         num_schedule: Mapping[int, int] | list | None = None,
         refresh: bool = True,
         exact_chunk_size: int = 65536,
+        target_recall: float | None = None,
     ) -> None:
         super().__init__()
         if int(interval) < 1:
             raise ValueError(f"IndexRebuild: sampler.interval must be >= 1, got {interval}")
         if int(probe_every) < 0:
             raise ValueError(f"IndexRebuild: sampler.probe_every must be >= 0, got {probe_every}")
-        if int(probe_k) < 1:
+        if probe_k is not None and int(probe_k) < 1:
             raise ValueError(f"IndexRebuild: sampler.probe_k must be >= 1, got {probe_k}")
         if adaptive and (int(probe_every) == 0 or min_recall is None):
             raise ValueError(
@@ -118,7 +121,13 @@ class IndexRebuild(pl.Callback):
         self.interval = int(interval)
         self.background = bool(background)
         self.probe_every = int(probe_every)
-        self.probe_k = int(probe_k)
+        self.probe_k = None if probe_k is None else int(probe_k)  # None: the step's k
+        self.target = None if target_recall is None else RecallTarget(float(target_recall))
+        if self.target is not None and self.probe_every <= 0:
+            raise ValueError(
+                "IndexRebuild: sampler.target_recall needs sampler.probe_every >= 1 (the probe "
+                "measures the recall it steers)"
+            )
         self.min_recall = float("nan") if min_recall is None else float(min_recall)
         self.adaptive = bool(adaptive)
         self.num_schedule = _parse_schedule(num_schedule)
@@ -133,6 +142,7 @@ class IndexRebuild(pl.Callback):
         self.probes = 0
         self.last_build_step = -1
         self.last_recall = float("nan")
+        self.last_swap_step = 0
         # run-time state (never checkpointed)
         self.history: deque[RebuildRecord] = deque(maxlen=1000)
         self._job: _Job | None = None
@@ -229,6 +239,7 @@ class IndexRebuild(pl.Callback):
                                               background, ok=False))  # fmt: skip
             return
         sampler.swap(job.index)
+        self.last_swap_step = step
         if job.kind_done == "refresh":
             self.refreshes += 1
         else:
@@ -335,23 +346,34 @@ class IndexRebuild(pl.Callback):
         features = outputs.get("features") if isinstance(outputs, Mapping) else None
         if features is None:
             return
-        recall = self.probe(pl_module, features)
-        self._log(pl_module, f"index/recall@{self.probe_k}", recall)
-        self._log(pl_module, "index/num", float(self._classifier(pl_module).sampler.num))
+        sampler = self._classifier(pl_module).sampler
+        recall, k = self.probe(pl_module, features)
+        self._log(pl_module, f"index/recall@{'k' if self.probe_k is None else k}", recall)
+        self._log(pl_module, "index/k", float(k))
+        self._log(pl_module, "index/num", float(sampler.num))
+        if self.target is not None:
+            action = self.target.update(sampler, recall, k, step - self.last_swap_step)
+            if action == "rebuild" and not self.busy:
+                self._pending = True
+            effort = getattr(sampler, "effort", None)
+            if effort is not None:
+                self._log(pl_module, "index/effort", float(effort))
         if self.adaptive and recall < self.min_recall and not self.busy:
             self.adaptive_triggers += 1
             log.info("recall@%d = %.3f < %.3f at step %d: rebuilding the index", self.probe_k,
                      recall, self.min_recall, step)  # fmt: skip
             self._pending = True
 
-    def probe(self, pl_module: pl.LightningModule, features: torch.Tensor) -> float:
-        """recall@probe_k of the serving index against exact top-k on features (B, D)."""
+    def probe(self, pl_module: pl.LightningModule, features: torch.Tensor) -> tuple[float, int]:
+        """(recall@k of the serving index against exact top-k on features (B, D), k); k is
+        ``probe_k``, or the k the last selection used when ``probe_k`` is None."""
         from hf_softmax.samplers.exact import exact_topk, recall_at_k
 
         classifier = self._classifier(pl_module)
         sampler = classifier.sampler
         feats = np.ascontiguousarray(features.detach().to("cpu", torch.float32).numpy())
-        k = min(self.probe_k, sampler.num_classes)
+        k = self.probe_k if self.probe_k is not None else (sampler.last_k or 10)
+        k = min(k, sampler.num_classes)
         approx = sampler.query(feats, k)
         exact = exact_topk(
             classifier.snapshot_weights(), feats, k, sampler.metric, self.exact_chunk_size
@@ -359,7 +381,7 @@ class IndexRebuild(pl.Callback):
         recall = recall_at_k(approx, exact)
         self.probes += 1
         self.last_recall = recall
-        return recall
+        return recall, k
 
     def wait(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Block until a running background build is finished and swapped (tests, shutdown)."""
@@ -382,6 +404,7 @@ class IndexRebuild(pl.Callback):
             "probes": self.probes,
             "last_build_step": self.last_build_step,
             "last_recall": self.last_recall,
+            "last_swap_step": self.last_swap_step,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -393,6 +416,7 @@ class IndexRebuild(pl.Callback):
             "skipped_busy",
             "probes",
             "last_build_step",
+            "last_swap_step",
         ):
             if key in state_dict:
                 setattr(self, key, int(state_dict[key]))

@@ -189,6 +189,8 @@ class SampledClassifier(nn.Module):
         track = leaf.requires_grad
         targets = active.targets.to(features.device, non_blocking=True)
         logits = self.head(features, leaf, targets)
+        if active.logit_adjust is not None:  # sampling correction (loss only; see Sampler)
+            logits = logits + active.logit_adjust.to(logits.device, logits.dtype)
         loss = F.cross_entropy(logits, targets)
         self._pending = (active.ids, leaf) if track else None
         acc = plain_top1(self.head, features, leaf, targets)

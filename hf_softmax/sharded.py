@@ -465,7 +465,10 @@ class ShardedClassifier(nn.Module):
                 sampler.num = restore
         targets = torch.full_like(labels, -1)
         targets[local] = active.targets
-        return ActiveSet(ids=active.ids, targets=targets, num_positives=active.num_positives)
+        # the shard's logq correction estimates the shard's share of the normaliser; the
+        # distributed softmax sums the shards, so the adjustments carry over unchanged
+        return ActiveSet(active.ids, targets, active.num_positives, active.num_index,
+                         active.logit_adjust)  # fmt: skip
 
     def _margin_logits(
         self, feats: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor
@@ -515,6 +518,8 @@ class ShardedClassifier(nn.Module):
         track = leaf.requires_grad
         targets = active.targets.to(device, non_blocking=True)
         logits = self._margin_logits(feats, leaf, targets)
+        if active.logit_adjust is not None:  # sampling correction (loss only)
+            logits = logits + active.logit_adjust.to(logits.device, logits.dtype)
         # float32 softmax statistics even when autocast made the logits bf16
         loss, _ = DistributedCrossEntropy.apply(logits.float(), targets, self.group)
         hit = self._plain_hit(feats, leaf, targets)

@@ -1,4 +1,8 @@
-"""``python -m bench.hangul build [...]``: the Hangul real-image benchmark (bench.hangul.build)."""
+"""``python -m bench.hangul build|run [...]``: the Hangul real-image benchmark.
+
+``build`` renders the dataset (bench.hangul.build); ``run`` trains and scores the samplers on it
+(bench.hangul.run, bench.hangul.cli_run).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import logging
 import sys
 
 from bench.hangul.build import BuildArgs, NotEnoughFontsError, build
+from bench.hangul.cli_run import add_run_parser, run_main
 from bench.hangul.fonts import FONT_DIRS, face_table, select_faces
 
 
@@ -60,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.hangul", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_build(sub)
+    add_run_parser(sub)
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")  # fmt: skip
+    if a.command == "run":
+        return run_main(a)
     dirs = tuple(a.font_dirs) if a.font_dirs else FONT_DIRS
     if a.list_fonts:
         print(face_table(*select_faces(dirs, a.workers)))

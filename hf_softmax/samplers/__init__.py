@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hf_softmax.samplers.annoy import AnnoySampler
+from hf_softmax.samplers.auto import AutoSampler
 from hf_softmax.samplers.base import ActiveSet, Sampler
 from hf_softmax.samplers.exact import ExactSampler, exact_topk, recall_at_k
 from hf_softmax.samplers.full import FullSampler
@@ -23,6 +24,7 @@ __all__ = [
     "SAMPLERS",
     "ActiveSet",
     "AnnoySampler",
+    "AutoSampler",
     "ExactSampler",
     "FullSampler",
     "HNSWSampler",
@@ -39,12 +41,24 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "annoy": AnnoySampler,
     "hnsw": HNSWSampler,
     "exact": ExactSampler,
+    "auto": AutoSampler,
 }
 
 REBUILD_KEYS = frozenset(
-    {"interval", "background", "probe_every", "probe_k", "min_recall", "adaptive", "num_schedule"}
+    {
+        "interval",
+        "background",
+        "probe_every",
+        "probe_k",
+        "min_recall",
+        "adaptive",
+        "num_schedule",
+        "target_recall",
+    }
 )
 _COMMON = frozenset({"num_classes", "num", "metric", "seed", "self"})
+# selection knobs every sampler takes (``Sampler.configure``)
+SELECTION_KEYS = frozenset({"random_fraction", "index_after", "correction"})
 
 
 def build_sampler(cfg: Mapping[str, Any], num_classes: int, metric: str, seed: int = 0) -> Sampler:
@@ -55,12 +69,14 @@ def build_sampler(cfg: Mapping[str, Any], num_classes: int, metric: str, seed: i
         raise ValueError(f"unknown sampler {name!r}; valid names: {sorted(SAMPLERS)}")
     cls = SAMPLERS[name]
     num = cfg.pop("num", 1000)
+    selection = {k: cfg.pop(k) for k in SELECTION_KEYS if k in cfg}
     knobs = {k: v for k, v in cfg.items() if k not in REBUILD_KEYS}
     valid = set(inspect.signature(cls.__init__).parameters) - _COMMON
     unknown = sorted(set(knobs) - valid)
     if unknown:
         raise ValueError(
-            f"sampler {name!r}: unknown config keys {unknown}; valid knobs: {sorted(valid)}, "
-            f"rebuild keys: {sorted(REBUILD_KEYS)}"
+            f"sampler {name!r}: unknown config keys {unknown}; valid knobs: "
+            f"{sorted(valid | SELECTION_KEYS)}, rebuild keys: {sorted(REBUILD_KEYS)}"
         )
-    return cls(num_classes=num_classes, num=num, metric=metric, seed=seed, **knobs)
+    sampler = cls(num_classes=num_classes, num=num, metric=metric, seed=seed, **knobs)
+    return sampler.configure(**selection)

@@ -77,7 +77,22 @@ class AnnoySampler(Sampler):
         return index
 
     def query(self, features: np.ndarray, k: int) -> np.ndarray:
-        index = self._index  # read once: a concurrent swap cannot tear this query
+        return self.query_index(self._index, features, k)  # read once: a swap cannot tear it
+
+    @property
+    def effort(self) -> int:
+        """search_k: nodes inspected per query (the knob ``target_recall`` tunes)."""
+        return self.search_k
+
+    @effort.setter
+    def effort(self, value: int) -> None:
+        self.search_k = int(value)
+
+    def default_effort(self, k: int) -> int:
+        return self.ntrees * k  # what Annoy uses for search_k = -1
+
+    def query_index(self, index: AnnoyIndex | None, features: np.ndarray, k: int) -> np.ndarray:
+        """features (B, D) -> (B, k) nearest ids in ``index`` (-1 padded)."""
         if index is None:
             raise RuntimeError("sampler 'annoy': query before the first build")
         get = index.get_nns_by_vector

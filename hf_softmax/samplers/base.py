@@ -33,15 +33,23 @@ log = logging.getLogger(__name__)
 METRICS = ("ip", "cosine")
 
 
+CORRECTIONS = ("none", "logq")
+
+
 @dataclass
 class ActiveSet:
     """ids: (M,) int64 global class ids, positives first, unique.
     targets: (B,) int64 labels remapped into 0..M-1 (``ids[targets] == labels``).
-    num_positives: number of unique labels in the batch (``ids[:num_positives]``)."""
+    num_positives: number of unique labels in the batch (``ids[:num_positives]``).
+    num_index: how many ids after the positives came from the index (the rest: uniform fill).
+    logit_adjust: (M,) float32 added to the training logits (``correction="logq"``), or None.
+    """
 
     ids: torch.Tensor
     targets: torch.Tensor
     num_positives: int
+    num_index: int = 0
+    logit_adjust: torch.Tensor | None = None
 
     @property
     def num(self) -> int:
@@ -58,6 +66,12 @@ class Sampler:
     name: str = "base"
     dense: bool = False
     needs_index: bool = False
+    # Selection knobs shared by every sampler (``configure``): the share of the negatives
+    # drawn uniformly even when an index serves, the number of selects made at random before
+    # the index is used, and the sampling correction of the loss.
+    random_fraction: float = 0.0
+    index_after: int = 0
+    correction: str = "none"
 
     def __init__(self, num_classes: int, num: int, metric: str = "ip", seed: int = 0) -> None:
         if metric not in METRICS:
@@ -74,9 +88,40 @@ class Sampler:
         self._index: Any = None
         self._lock = threading.Lock()
         self._warned_fallback = False
+        self.last_k: int | None = None
         self.num_selects = 0
         self.num_fallbacks = 0
         self.num_swaps = 0
+
+    def configure(
+        self, random_fraction: float = 0.0, index_after: int = 0, correction: str = "none"
+    ) -> Sampler:
+        """Set the selection knobs (see the class attributes); returns self.
+
+        random_fraction: share of the M - |P| negatives drawn uniformly at random even when
+        the index serves (0: all from the index, 1: like ``random``).
+        index_after: selects made like ``random`` before the index is used (its rows are
+        still noise early in training).
+        correction: ``"logq"`` adds log(n_rest / n_uniform) to the logits of the uniformly
+        drawn negatives, so that they stand for all the classes neither positive nor taken
+        from the index and the sampled softmax estimates the full one; ``"none"``: plain
+        softmax over the M active classes.
+        """
+        if not 0.0 <= float(random_fraction) <= 1.0:
+            raise ValueError(
+                f"sampler {self.name!r}: random_fraction must be in [0, 1], got {random_fraction}"
+            )
+        if int(index_after) < 0:
+            raise ValueError(f"sampler {self.name!r}: index_after must be >= 0, got {index_after}")
+        if correction not in CORRECTIONS:
+            raise ValueError(
+                f"sampler {self.name!r}: correction must be one of {CORRECTIONS}, got "
+                f"{correction!r}"
+            )
+        self.random_fraction = float(random_fraction)
+        self.index_after = int(index_after)
+        self.correction = str(correction)
+        return self
 
     # -- M ---------------------------------------------------------------------------------
     @property
@@ -139,15 +184,23 @@ class Sampler:
                 f"sampler {self.name!r}: labels must be in 0..{self.num_classes - 1}, got "
                 f"min {int(positives[0])} max {int(positives[-1])}"
             )
+        use_index = self.needs_index and self.num_selects >= self.index_after
         self.num_selects += 1
         pos = positives.numpy()
         chosen = pos
-        if m > num_pos and self.needs_index:
-            index_ids = self._neighbours(features, pos, m - num_pos)
+        negatives = m - num_pos
+        from_index = negatives - int(round(self.random_fraction * negatives))
+        if from_index > 0 and use_index:
+            index_ids = self._neighbours(features, pos, from_index)
             chosen = np.concatenate([pos, index_ids])
         fill = self._random_fill(chosen, m - chosen.size)
         ids = torch.from_numpy(np.concatenate([chosen, fill]).astype(np.int64, copy=False))
-        return ActiveSet(ids=ids, targets=targets, num_positives=num_pos)
+        adjust = None
+        if self.correction == "logq" and fill.size:
+            # each uniform draw stands for (classes not yet chosen) / (draws) classes
+            adjust = torch.zeros(m, dtype=torch.float32)
+            adjust[chosen.size :] = math.log((self.num_classes - chosen.size) / fill.size)
+        return ActiveSet(ids, targets, num_pos, int(chosen.size - num_pos), adjust)
 
     def _neighbours(self, features: torch.Tensor, pos: np.ndarray, want: int) -> np.ndarray:
         """Up to ``want`` neighbour ids of the batch, not in ``pos``, rank-major order."""
@@ -164,6 +217,7 @@ class Sampler:
         feats = features.detach().to("cpu", torch.float32).numpy()
         batch = max(feats.shape[0], 1)
         k = min(math.ceil(want / batch) + 1, self.num_classes)
+        self.last_k = k  # the k a step really uses (recall probes measure at it)
         nbrs = self.query(np.ascontiguousarray(feats), k)  # (B, k)
         cand = np.ascontiguousarray(nbrs.T).reshape(-1)  # rank 0 of every sample, then rank 1...
         cand = cand[cand >= 0]

@@ -90,7 +90,10 @@ class ExactSampler(Sampler):
         return F.normalize(w, dim=1) if self.metric == "cosine" else w
 
     def query(self, features: np.ndarray, k: int) -> np.ndarray:
-        index = self._index
+        return self.query_index(self._index, features, k)
+
+    def query_index(self, index: torch.Tensor | None, features: np.ndarray, k: int) -> np.ndarray:
+        """features (B, D) -> (B, k) ids of the best rows of ``index`` (from ``build_index``)."""
         if index is None:
             raise RuntimeError("sampler 'exact': query before the first build")
         return exact_topk(index, features, k, self.metric, self.chunk_size, normalized=True)

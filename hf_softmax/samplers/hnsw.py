@@ -109,9 +109,23 @@ class HNSWSampler(Sampler):
                 return self._knn(self._index, feats, k)
         return self._knn(self._index, feats, k)
 
+    @property
+    def effort(self) -> int:
+        """ef: the query beam (the knob ``target_recall`` tunes)."""
+        return self.ef
+
+    @effort.setter
+    def effort(self, value: int) -> None:
+        self.ef = int(value)
+
+    def default_effort(self, k: int) -> int:
+        return max(self.ef, k)
+
     def _knn(self, index: hnswlib.Index | None, feats: np.ndarray, k: int) -> np.ndarray:
         if index is None:
             raise RuntimeError("sampler 'hnsw': query before the first build")
+        if index.ef != self.ef:  # tuned since this index was built
+            index.set_ef(self.ef)
         try:
             labels, _ = index.knn_query(feats, k=k, num_threads=self.num_threads)
         except RuntimeError:

@@ -1,0 +1,112 @@
+"""Table and plot of ``python -m bench.hangul run`` results (``docs/bench/hangul.{json,md,png}``).
+
+One table per active fraction M/N: each job's closed-set top-1/top-5 on the held-out faces,
+verification accuracy on the easy and look-alike pairs, training wall time, the mean logged
+``index/recall@k``, and the difference to ``random`` (same fraction and seed) in points. Rows
+with several seeds show the mean and the spread (min..max).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from bench.common import OUT_DIR, markdown_table, pyplot, save_figure
+
+METRICS = ("top1", "top5", "pairs", "lookalike", "train_s", "recall")
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _spread(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{100 * mean:.1f}"
+    return (
+        f"{100 * mean:.1f} ({100 * min(values):.1f}..{100 * max(values):.1f}, {len(values)} seeds)"
+    )
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of one fraction grouped by label -> one dict per label with means (and spreads)."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[r["label"]].append(r)
+    base = groups.get("random")
+    base_top1 = statistics.fmean(r["top1"] for r in base) if base else None
+    base_time = statistics.fmean(r["train_s"] for r in base) if base else None
+    out = []
+    for label, rs in groups.items():
+        s: dict[str, Any] = {"label": label, "num": rs[0]["num"], "seeds": len(rs)}
+        for key in METRICS:
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            s[key] = statistics.fmean(vals) if vals else None
+        s["top1_text"] = _spread([r["top1"] for r in rs])
+        s["vs_random"] = None if base_top1 is None else 100 * (s["top1"] - base_top1)
+        s["time_ratio"] = None if not base_time else s["train_s"] / base_time
+        out.append(s)
+    return sorted(out, key=lambda s: -s["top1"])
+
+
+def render(results: dict[str, Any], plot_name: str = "hangul.png") -> str:
+    rows = results.get("rows", [])
+    if not rows:
+        return "No Hangul runs yet: `python -m bench.hangul run`."
+    first = rows[0]
+    lines = [
+        f"Data: `{results.get('data')}` (N = {first.get('num_classes')} classes); "
+        f"{first['steps']} steps of {first['batch']} images per run, same seed and data order "
+        "for every sampler; top-1/top-5 over all N rows on the held-out faces (`test.rec`), "
+        "10-fold verification on `pairs.bin` (easy) and `pairs_lookalike.bin`. Train time is "
+        "the whole `train.py` process. Commands: `docs/bench/hangul.json`.",
+    ]
+    columns = [
+        ("label", "run", None),
+        ("num", "M", str),
+        ("top1_text", "top-1 %", None),
+        ("vs_random", "vs random (pts)", lambda v: f"{v:+.1f}"),
+        ("top5", "top-5 %", _pct),
+        ("pairs", "verif. easy %", _pct),
+        ("lookalike", "verif. look-alike %", _pct),
+        ("train_s", "train s", lambda v: f"{v:.0f}"),
+        ("time_ratio", "time / random", lambda v: f"{v:.2f}×"),
+        ("recall", "recall@k (logged)", lambda v: f"{v:.2f}"),
+    ]
+    by_fraction: dict[float, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_fraction[r["fraction"]].append(r)
+    for fraction in sorted(by_fraction, reverse=True):
+        lines += [
+            "",
+            f"**M/N = {100 * fraction:g}%**",
+            "",
+            markdown_table(summarise(by_fraction[fraction]), columns),
+        ]
+    _plot(by_fraction, plot_name)
+    lines += ["", f"![Hangul: accuracy vs wall time](bench/{plot_name})"]
+    return "\n".join(lines)
+
+
+def _plot(
+    by_fraction: dict[float, list[dict[str, Any]]], name: str, out_dir: Path = OUT_DIR
+) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    markers = "os^Dv<>p*h"
+    for i, fraction in enumerate(sorted(by_fraction, reverse=True)):
+        for j, s in enumerate(summarise(by_fraction[fraction])):
+            for ax, key in zip(axes, ("top1", "lookalike"), strict=True):
+                if s.get(key) is None:
+                    continue
+                label = f"{s['label']} ({100 * fraction:g}%)"
+                marker = markers[i % len(markers)]
+                color = f"C{j % 10}"
+                ax.scatter(s["train_s"], 100 * s[key], marker=marker, color=color, label=label)
+    axes[0].set(xlabel="train wall time (s)", ylabel="top-1 on held-out faces (%)")
+    axes[1].set(xlabel="train wall time (s)", ylabel="look-alike verification (%)")
+    axes[1].legend(fontsize=7, loc="best")
+    save_figure(fig, name, out_dir)
