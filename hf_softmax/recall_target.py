@@ -5,7 +5,8 @@ A probe measures recall@k of the serving index against exact top-k over the *cur
 
 - the index finds too few of the true neighbours of its own snapshot (annoy ``search_k``,
   hnsw ``ef`` too small): seen right after a swap, when the rows have barely moved. The
-  remedy is more query effort: ``effort`` doubles (up to ``max_factor`` x the default);
+  remedy is more query effort: ``effort`` doubles (up to ``max_factor`` x the default, and
+  never past N: annoy inspecting N nodes or hnsw with ef = N is an exhaustive search);
 - the rows moved since the snapshot (staleness): seen later in the build interval. The
   remedy is an earlier rebuild.
 
@@ -26,12 +27,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class RecallTarget:
     """target: wanted recall@k in (0, 1]. fresh_steps: probes this close to a swap judge the
-    index, later ones its staleness. max_factor: effort cap relative to the default."""
+    index, later ones its staleness. max_factor: effort cap relative to the default (and N)."""
 
     target: float
     fresh_steps: int = 5
     slack: float = 0.1
-    max_factor: int = 64
+    max_factor: int = 1024
     raised: int = 0
     lowered: int = 0
     rebuilds: int = 0
@@ -55,9 +56,10 @@ class RecallTarget:
             if base is None:
                 return None  # exact: a fresh index has perfect recall; nothing to raise
             current = base if effort is None or effort < 0 else int(effort)
-            if current >= self.max_factor * base:
+            cap = max(base, min(self.max_factor * base, int(sampler.num_classes)))
+            if current >= cap:
                 return None
-            sampler.effort = min(2 * current, self.max_factor * base)
+            sampler.effort = min(2 * current, cap)
             self.raised += 1
             log.info("recall@%d = %.3f < %.3f on a fresh index: query effort %d -> %d",
                      k, recall, self.target, current, sampler.effort)  # fmt: skip
