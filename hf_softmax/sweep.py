@@ -86,13 +86,13 @@ def _read_final(output_dir: Path) -> dict[str, float]:
     return {k: v for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-def _fmt(value: float | None) -> str:
-    """Table cell: counts as integers, seconds whole, accuracies with 4 decimals."""
+def _fmt(value: float | None, key: str = "") -> str:
+    """Table cell: counts as integers, seconds (``*_s``) to 0.1 s, others with 4 decimals."""
     if value is None or math.isnan(value):
         return ""
     if isinstance(value, int):
         return str(value)
-    return f"{value:.4f}" if abs(value) < 10 else f"{value:.0f}"
+    return f"{value:.1f}" if key.endswith("_s") else f"{value:.4f}"
 
 
 def write_summary(sweep_dir: Path, metric_name: str = "metric") -> list[JobResult]:
@@ -122,7 +122,7 @@ def write_summary(sweep_dir: Path, metric_name: str = "metric") -> list[JobResul
     ]
     for r, ov in zip(results, shown, strict=True):
         overrides = " ".join(ov) or "(none)"
-        cells = [_fmt(r.metric), *(_fmt(r.final.get(c)) for c in columns)]
+        cells = [_fmt(r.metric), *(_fmt(r.final.get(c), c) for c in columns)]
         lines.append(f"| {r.num} | `{overrides}` | " + " | ".join(cells) + f" | {r.status} |")
     done = [r for r in results if r.metric is not None and not math.isnan(r.metric)]
     if done:

@@ -226,3 +226,44 @@ def test_multirun_writes_sweep_summary(tmp_path, demo_cache):
     assert all(f" {c} " in header for c in columns)
     # the summary can be rebuilt from the job files alone
     assert len(write_summary(sweep, "verification_acc")) == 2
+
+
+def test_sweep_summary_tabulates_final_metrics(tmp_path):
+    """One column per final_metrics.json key (union over the jobs, in the order written); a
+    job_result.json from before final_metrics existed still reads, with empty cells."""
+    jobs = {
+        0: ["sampler=annoy"],
+        1: ["sampler=random"],
+        2: ["sampler=hnsw"],
+    }
+    finals = {
+        0: {"val/pairs/acc": 0.78, "val/holdout/top1": 0.175, "steps": 280, "wall_s": 156.4},
+        1: {"val/pairs/acc": 0.795, "val/holdout/top1": 0.1555, "steps": 280, "wall_s": 162.0},
+    }
+    for num, overrides in jobs.items():
+        out = tmp_path / str(num)
+        out.mkdir()
+        result = {
+            "num": num,
+            "overrides": overrides,
+            "status": "completed",
+            "metric": finals.get(num, {}).get("val/pairs/acc", 0.5),
+            "output_dir": str(out),
+        }
+        if num in finals:
+            result["final"] = finals[num]
+        (out / "job_result.json").write_text(json.dumps(result))
+    write_summary(tmp_path, "verification_acc")
+    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert list(rows[0])[:7] == ["job", "overrides", "verification_acc", "val/pairs/acc",
+                                 "val/holdout/top1", "steps", "wall_s"]  # fmt: skip
+    assert rows[1]["val/holdout/top1"] == "0.1555" and rows[2]["val/holdout/top1"] == ""
+    lines = (tmp_path / "summary.md").read_text().splitlines()
+    assert lines[0] == (
+        "| job | overrides | verification_acc | val/pairs/acc | val/holdout/top1 | steps "
+        "| wall_s | status |"
+    )
+    assert lines[2] == (
+        "| 0 | `sampler=annoy` | 0.7800 | 0.7800 | 0.1750 | 280 | 156.4 | completed |"
+    )
+    assert lines[4] == "| 2 | `sampler=hnsw` | 0.5000 |  |  |  |  | completed |"
