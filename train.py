@@ -7,11 +7,15 @@
     python train.py -m sampler=annoy sampler.ntrees=10,50,100   # sweep -> multirun/.../summary.md
 
 Config: conf/train.yaml and its groups. Returns (for sweeps) the final verification accuracy
-on the first .bin set (or ``optimized_metric``).
+on the first .bin set (or ``optimized_metric``). At the end it prints a summary (verification
+accuracy per .bin set, closed-set top-1/top-5 on held-out images, the last epoch's train
+accuracy, wall time) and writes it to ``<run dir>/final_metrics.json``; a multirun's
+``summary.md`` tabulates those numbers for every job (``hf_softmax/sweep.py``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -23,6 +27,8 @@ os.environ.setdefault("WANDB_MODE", "offline")  # never reach the network unless
 import hydra  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from hf_softmax.sweep import FINAL_METRICS_FILE  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -64,6 +70,53 @@ def _instantiate_all(node: DictConfig | None) -> list[Any]:
         if isinstance(conf, DictConfig) and "_target_" in conf:
             out.append(hydra.utils.instantiate(conf))
     return out
+
+
+def final_metrics(
+    metrics: dict[str, float], val_names: list[str], steps: int, wall_s: float
+) -> dict[str, float]:
+    """The end-of-run numbers (``final_metrics.json``; sweep summaries tabulate them).
+
+    ``val/<set>/acc`` per .bin set and ``val/holdout/top1`` (+ ``top5``) from the last
+    validation; ``train/acc``: the last epoch's mean top-1 within the active set (plain
+    logits), ``train/acc_full``: the last top-1 over all N rows; ``steps``; ``wall_s``: train.py's
+    own time (data generation included, interpreter start-up not). Absent metrics are left out.
+    """
+    out: dict[str, float] = {}
+    for name in val_names:
+        keys = ("top1", "top5") if name == "holdout" else ("acc",)
+        for key in keys:
+            if f"val/{name}/{key}" in metrics:
+                out[f"val/{name}/{key}"] = metrics[f"val/{name}/{key}"]
+    for key in ("train/acc", "train/acc_full"):
+        # logged on_step and on_epoch: Lightning keeps <key>_epoch (last epoch's mean)
+        for source in (f"{key}_epoch", key, f"{key}_step"):
+            if source in metrics:
+                out[key] = metrics[source]
+                break
+    out["steps"] = int(steps)
+    out["wall_s"] = round(float(wall_s), 1)
+    return out
+
+
+def format_final(final: dict[str, Any], path: Path) -> str:
+    """The summary train.py prints at the end: one labelled line per number of ``final``."""
+    rows = [
+        (f"verification acc ({key.split('/')[1]}, 10-fold)", f"{v:.4f}")
+        for key, v in final.items()
+        if key.startswith("val/") and key.endswith("/acc")
+    ]
+    for key, label in (
+        ("val/holdout/top1", "closed-set top-1 (held-out images, all classes)"),
+        ("val/holdout/top5", "closed-set top-5 (held-out images, all classes)"),
+        ("train/acc", "train acc (last epoch, within the active set)"),
+        ("train/acc_full", "train acc_full (last, over all classes)"),
+    ):
+        if key in final:
+            rows.append((label, f"{final[key]:.4f}"))
+    rows.append(("wall time", f"{final['wall_s']:.0f} s ({final['steps']} steps)"))
+    width = max(len(label) for label, _ in rows)
+    return "\n".join([f"final metrics -> {path}"] + [f"  {a:<{width}}  {b}" for a, b in rows])
 
 
 def _check_trainer_cfg(cfg: DictConfig) -> None:
@@ -125,8 +178,9 @@ def train(cfg: DictConfig) -> float:
 
     metric_name = cfg.get("optimized_metric")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    val_names = list(getattr(datamodule, "val_names", []) or [])
     if not metric_name:
-        names = [n for n in getattr(datamodule, "val_names", []) if n != "holdout"]
+        names = [n for n in val_names if n != "holdout"]
         metric_name = f"val/{names[0]}/acc" if names else "val/holdout/top1"
     if metric_name not in metrics and trainer.limit_val_batches:
         results = trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -135,10 +189,15 @@ def train(cfg: DictConfig) -> float:
     value = metrics.get(metric_name, float("nan"))
 
     elapsed = time.perf_counter() - t_start
+    final = final_metrics(metrics, val_names, trainer.global_step, elapsed)
+    final["optimized_metric"] = metric_name
     summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("val/"))
     if trainer.is_global_zero:  # under DDP every rank runs this; print once
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / FINAL_METRICS_FILE).write_text(json.dumps(final, indent=2) + "\n")
         print(f"checkpoint: {saved}")
         print(f"validation: {summary or '(none)'}")
+        print(format_final(final, output_dir / FINAL_METRICS_FILE))
         print(f"final {metric_name} = {value:.4f}  ({trainer.global_step} steps, {elapsed:.0f}s)")
     return value
 

@@ -14,7 +14,8 @@ logits, no margin), ``train/acc_full`` every ``validation.acc_full_every`` steps
 all N rows on the batch's features, ``classifier.predict``), ``lr``, ``train/active_size``.
 
 Validation (one DataLoader per name in ``datamodule.val_names``):
-  "holdout": closed-set top-1 over all N classes (``classifier.predict``, chunked);
+  "holdout": closed-set top-1 and top-5 over all N classes (plain logits, chunked;
+  sharded under DDP: top-1 only, ``classifier.predict``);
   each .bin set: embeddings f(x) (+ f(flip x) when ``validation.flip``, which defaults to
   ``data.flip``) of the 2P images -> 10-fold verification
   accuracy (``metrics.verification_metrics``), logged as ``val/<name>/acc`` etc.
@@ -43,6 +44,7 @@ from hf_softmax.backbones import build_backbone
 from hf_softmax.classifier import SampledClassifier
 from hf_softmax.heads import build_head
 from hf_softmax.metrics import verification_metrics
+from hf_softmax.rows import topk_rows
 from hf_softmax.samplers import SAMPLERS, build_sampler
 from hf_softmax.sharded import ShardedClassifier, use_sharded  # H7 (DDP)
 
@@ -356,11 +358,18 @@ class HFSoftmaxModule(pl.LightningModule):
         images, second = batch[0], batch[1]
         name = self._val_name(dataloader_idx)
         if name == "holdout":  # second: labels (B,)
-            pred = self.classifier.predict(self.backbone(images), chunk_size=self.predict_chunk)
-            correct = (pred.to(second.device) == second).sum().item()
-            acc = self._val.setdefault(name, [0, 0])
-            acc[0] += int(correct)
-            acc[1] += int(second.numel())
+            features = self.backbone(images)  # (B, D)
+            acc = self._val.setdefault(name, [0, 0, 0])  # top-1 hits, top-5 hits, images
+            if self.sharded:  # H7 (DDP): top-1 only (predict is the collective over shards)
+                pred = self.classifier.predict(features, chunk_size=self.predict_chunk)
+                hits = (pred.to(second.device) == second)[:, None]  # (B, 1)
+            else:
+                _, top = topk_rows(features, self.classifier.weight, self.classifier.head, 5,
+                                   self.predict_chunk)  # fmt: skip
+                hits = top.to(second.device) == second[:, None]  # (B, k) best first
+            acc[0] += int(hits[:, 0].sum())
+            acc[1] += int(hits.any(dim=1).sum())
+            acc[2] += int(second.numel())
             return
         emb = self.backbone(images)  # (B, D); second: image index in the .bin (B,)
         if self.val_flip:
@@ -381,7 +390,9 @@ class HFSoftmaxModule(pl.LightningModule):
         for name, value in self._val.items():
             if name == "holdout":
                 counts = self._gather(torch.tensor([value], dtype=torch.float64)).sum(0)
-                self.log("val/holdout/top1", float(counts[0] / max(counts[1], 1)))
+                self.log("val/holdout/top1", float(counts[0] / max(counts[2], 1)), prog_bar=True)
+                if not self.sharded:
+                    self.log("val/holdout/top5", float(counts[1] / max(counts[2], 1)))
                 continue
             if name not in sets:
                 log.warning("no verification set %r in the datamodule; skipped", name)

@@ -4,7 +4,10 @@ Each job writes ``job_result.json`` into its own output directory when it ends (
 works for launchers that run jobs in other processes); at the end of the multirun the
 results found under the sweep directory are collected into ``summary.md`` and
 ``summary.csv`` there. The metric is whatever the task function returned (``train.py``
-returns the final verification accuracy).
+returns the final verification accuracy); when the job also wrote ``final_metrics.json``
+(``train.py`` does: verification accuracy per set, closed-set top-1, train accuracy, wall time)
+those numbers become columns too, so ``python train.py -m sampler=annoy,random`` compares the
+samplers side by side.
 
 Enable in a Hydra config::
 
@@ -20,7 +23,7 @@ import csv
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "job_result.json"
+FINAL_METRICS_FILE = "final_metrics.json"  # written by train.py into each run directory
 
 
 @dataclass
@@ -41,6 +45,7 @@ class JobResult:
     metric: float | None
     output_dir: str
     error: str | None = None
+    final: dict[str, float] = field(default_factory=dict)  # the job's final_metrics.json
 
 
 def _metric_value(value: Any) -> float | None:
@@ -68,6 +73,28 @@ def _varying_overrides(overrides: list[list[str]]) -> list[list[str]]:
     return [[o for o in ov if o.split("=", 1)[0] in varying] for ov in overrides]
 
 
+def _read_final(output_dir: Path) -> dict[str, float]:
+    """Numeric entries of ``<output_dir>/final_metrics.json`` ({} if absent or unreadable)."""
+    path = output_dir / FINAL_METRICS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("sweep summary: cannot read %s: %s", path, e)
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _fmt(value: float | None, key: str = "") -> str:
+    """Table cell: counts as integers, seconds (``*_s``) to 0.1 s, others with 4 decimals."""
+    if value is None or math.isnan(value):
+        return ""
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.1f}" if key.endswith("_s") else f"{value:.4f}"
+
+
 def write_summary(sweep_dir: Path, metric_name: str = "metric") -> list[JobResult]:
     """Collect ``*/job_result.json`` under ``sweep_dir`` into ``summary.md`` + ``summary.csv``."""
     results = []
@@ -77,23 +104,26 @@ def write_summary(sweep_dir: Path, metric_name: str = "metric") -> list[JobResul
         except (OSError, ValueError, TypeError) as e:
             log.warning("sweep summary: cannot read %s: %s", path, e)
     results.sort(key=lambda r: r.num)
+    columns: list[str] = []  # final_metrics keys, in the order the jobs wrote them
+    for r in results:
+        columns += [k for k in r.final if k not in columns]
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["job", "overrides", metric_name, "status", "output_dir"])
+        w.writerow(["job", "overrides", metric_name, *columns, "status", "output_dir"])
         for r in results:
             w.writerow(
-                [r.num, " ".join(r.overrides), "" if r.metric is None else r.metric, r.status,
-                 r.output_dir]
+                [r.num, " ".join(r.overrides), "" if r.metric is None else r.metric,
+                 *(r.final.get(c, "") for c in columns), r.status, r.output_dir]
             )  # fmt: skip
     shown = _varying_overrides([r.overrides for r in results])
     lines = [
-        f"| job | overrides | {metric_name} | status |",
-        "|---:|---|---:|---|",
+        "| " + " | ".join(["job", "overrides", metric_name, *columns, "status"]) + " |",
+        "|---:|---|---:|" + "---:|" * len(columns) + "---|",
     ]
     for r, ov in zip(results, shown, strict=True):
-        value = "" if r.metric is None or math.isnan(r.metric) else f"{r.metric:.4f}"
         overrides = " ".join(ov) or "(none)"
-        lines.append(f"| {r.num} | `{overrides}` | {value} | {r.status} |")
+        cells = [_fmt(r.metric), *(_fmt(r.final.get(c), c) for c in columns)]
+        lines.append(f"| {r.num} | `{overrides}` | " + " | ".join(cells) + f" | {r.status} |")
     done = [r for r in results if r.metric is not None and not math.isnan(r.metric)]
     if done:
         best = max(done, key=lambda r: r.metric)
@@ -128,6 +158,7 @@ class SweepSummary(Callback):
             metric=metric,
             output_dir=str(output_dir),
             error=error,
+            final=_read_final(output_dir) if status == "completed" else {},
         )
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2))
@@ -138,4 +169,6 @@ class SweepSummary(Callback):
             log.warning("sweep summary: no sweep directory %s", sweep_dir)
             return
         results = write_summary(sweep_dir, self.metric_name)
-        log.info("sweep summary of %d jobs: %s", len(results), sweep_dir / "summary.md")
+        table = (sweep_dir / "summary.md").read_text()
+        log.info("sweep summary of %d jobs (%s):\n%s", len(results), sweep_dir / "summary.md",
+                 table)  # fmt: skip

@@ -40,6 +40,7 @@ TINY = [
     "+data.demo_kwargs.num_unseen=16",
     "+data.demo_kwargs.images_per_unseen=4",
     "data.batch_size=32",
+    "data.val_fraction=0.0",  # all 256 images train: 8 steps per epoch
     "model.embedding_dim=32",
     "sampler.num=48",
     f"sampler.interval={EVERY}",

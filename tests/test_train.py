@@ -4,6 +4,7 @@ equivalence (at an epoch boundary), ckpt_path=last and crash-safe checkpoint wri
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -69,6 +70,19 @@ def compose_cfg(overrides: list[str], output_dir: Path, runs_dir: Path | None = 
     return cfg
 
 
+# final_metrics.json of a run with holdout images (the demo's data.val_fraction) and pairs.bin
+FINAL_KEYS = {
+    "val/pairs/acc",
+    "val/holdout/top1",
+    "val/holdout/top5",
+    "train/acc",
+    "train/acc_full",
+    "steps",
+    "wall_s",
+    "optimized_metric",
+}
+
+
 @pytest.mark.parametrize("sampler", ["annoy", "hnsw", "exact", "random", "full"])
 def test_fast_dev_run_every_sampler(sampler, tmp_path, capsys):
     cfg = compose_cfg([f"sampler={sampler}", "trainer.fast_dev_run=true", "logger=csv"], tmp_path)
@@ -76,6 +90,15 @@ def test_fast_dev_run_every_sampler(sampler, tmp_path, capsys):
     assert 0.0 <= value <= 1.0  # verification accuracy on the pairs of the first val batch
     out = capsys.readouterr().out
     assert "final val/pairs/acc" in out
+    # the final summary: printed and in final_metrics.json (what sweep summaries tabulate)
+    final = json.loads((tmp_path / "final_metrics.json").read_text())
+    assert set(final) == FINAL_KEYS
+    assert final["optimized_metric"] == "val/pairs/acc" and final["steps"] == 1
+    for key in FINAL_KEYS - {"optimized_metric", "steps", "wall_s"}:
+        assert 0.0 <= final[key] <= 1.0, key
+    assert final["val/pairs/acc"] == pytest.approx(value)
+    assert f"final metrics -> {tmp_path / 'final_metrics.json'}" in out
+    assert "closed-set top-1 (held-out images, all classes)" in out
     ckpt = Path(next(ln for ln in out.splitlines() if ln.startswith("checkpoint: "))[12:])
     assert ckpt.parent == tmp_path / "checkpoints" and ckpt.is_file()
     module = HFSoftmaxModule.load_from_checkpoint(ckpt)
@@ -92,6 +115,7 @@ def test_resume_equals_uninterrupted(tmp_path):
         "logger=csv",
         "sampler.background=false",
         "trainer.limit_val_batches=0",
+        "data.val_fraction=0.0",  # all 256 images train: 8 steps per epoch
         "optim.total_steps=16",
     ]  # the same LR schedule whether max_epochs is 1 or 2
     full = tmp_path / "full"
@@ -190,5 +214,56 @@ def test_multirun_writes_sweep_summary(tmp_path, demo_cache):
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert [r["status"] for r in rows] == ["completed", "completed"]
     assert all(0.0 <= float(r["verification_acc"]) <= 1.0 for r in rows)
+    # every job's final_metrics.json side by side, numbers as the job wrote them
+    columns = sorted(FINAL_KEYS - {"optimized_metric"})
+    assert set(columns) <= set(rows[0])
+    for r in rows:
+        final = json.loads((Path(r["output_dir"]) / "final_metrics.json").read_text())
+        assert [float(r[c]) for c in columns] == [float(final[c]) for c in columns]
+        assert float(r["verification_acc"]) == float(final["val/pairs/acc"])
+        assert final["steps"] == 3
+    header = table.splitlines()[0]
+    assert all(f" {c} " in header for c in columns)
     # the summary can be rebuilt from the job files alone
     assert len(write_summary(sweep, "verification_acc")) == 2
+
+
+def test_sweep_summary_tabulates_final_metrics(tmp_path):
+    """One column per final_metrics.json key (union over the jobs, in the order written); a
+    job_result.json from before final_metrics existed still reads, with empty cells."""
+    jobs = {
+        0: ["sampler=annoy"],
+        1: ["sampler=random"],
+        2: ["sampler=hnsw"],
+    }
+    finals = {
+        0: {"val/pairs/acc": 0.78, "val/holdout/top1": 0.175, "steps": 280, "wall_s": 156.4},
+        1: {"val/pairs/acc": 0.795, "val/holdout/top1": 0.1555, "steps": 280, "wall_s": 162.0},
+    }
+    for num, overrides in jobs.items():
+        out = tmp_path / str(num)
+        out.mkdir()
+        result = {
+            "num": num,
+            "overrides": overrides,
+            "status": "completed",
+            "metric": finals.get(num, {}).get("val/pairs/acc", 0.5),
+            "output_dir": str(out),
+        }
+        if num in finals:
+            result["final"] = finals[num]
+        (out / "job_result.json").write_text(json.dumps(result))
+    write_summary(tmp_path, "verification_acc")
+    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert list(rows[0])[:7] == ["job", "overrides", "verification_acc", "val/pairs/acc",
+                                 "val/holdout/top1", "steps", "wall_s"]  # fmt: skip
+    assert rows[1]["val/holdout/top1"] == "0.1555" and rows[2]["val/holdout/top1"] == ""
+    lines = (tmp_path / "summary.md").read_text().splitlines()
+    assert lines[0] == (
+        "| job | overrides | verification_acc | val/pairs/acc | val/holdout/top1 | steps "
+        "| wall_s | status |"
+    )
+    assert lines[2] == (
+        "| 0 | `sampler=annoy` | 0.7800 | 0.7800 | 0.1750 | 280 | 156.4 | completed |"
+    )
+    assert lines[4] == "| 2 | `sampler=hnsw` | 0.5000 |  |  |  |  | completed |"
