@@ -56,13 +56,13 @@ def render(results: dict[str, Any], plot_name: str = "hangul.png") -> str:
     rows = results.get("rows", [])
     if not rows:
         return "No Hangul runs yet: `python -m bench.hangul run`."
-    first = rows[0]
     lines = [
-        f"Data: `{results.get('data')}` (N = {first.get('num_classes')} classes); "
-        f"{first['steps']} steps of {first['batch']} images per run, same seed and data order "
-        "for every sampler; top-1/top-5 over all N rows on the held-out faces (`test.rec`), "
-        "10-fold verification on `pairs.bin` (easy) and `pairs_lookalike.bin`. Train time is "
-        "the whole `train.py` process. Commands: `docs/bench/hangul.json`.",
+        f"Data: `{results.get('data')}` (N = {rows[0].get('num_classes')} classes). Same step "
+        "budget, seed and data order for every run of a table; top-1/top-5 over all N rows on "
+        "the held-out faces (`test.rec`), 10-fold verification on `pairs.bin` (easy) and "
+        "`pairs_lookalike.bin`. Train time is the whole `train.py` process (runs shared the "
+        "2 cores with other jobs: compare times only roughly). Every run's command: "
+        "`docs/bench/hangul.json`.",
     ]
     columns = [
         ("label", "run", None),
@@ -80,12 +80,12 @@ def render(results: dict[str, Any], plot_name: str = "hangul.png") -> str:
     for r in rows:
         by_fraction[r["fraction"]].append(r)
     for fraction in sorted(by_fraction, reverse=True):
-        lines += [
-            "",
-            f"**M/N = {100 * fraction:g}%**",
-            "",
-            markdown_table(summarise(by_fraction[fraction]), columns),
-        ]
+        first = by_fraction[fraction][0]
+        head = f"**M/N = {100 * fraction:g}%** ({first['steps']} steps of {first['batch']} images)"
+        lines += ["", head, "", markdown_table(summarise(by_fraction[fraction]), columns)]
+    notes = OUT_DIR / "hangul_notes.md"  # hand-written analysis kept beside the numbers
+    if notes.exists():
+        lines += ["", notes.read_text().rstrip()]
     _plot(by_fraction, plot_name)
     lines += ["", f"![Hangul: accuracy vs wall time](bench/{plot_name})"]
     return "\n".join(lines)
