@@ -66,3 +66,15 @@ def module_cfg(sampler: str = "annoy", head: str = "cosface", **optim) -> DictCo
     )
     cfg.model.embedding_dim = 32
     return cfg
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """A fresh demo cache ($HF_SOFTMAX_CACHE) for one test module; restored afterwards."""
+    old = os.environ.get("HF_SOFTMAX_CACHE")
+    os.environ["HF_SOFTMAX_CACHE"] = str(tmp_path_factory.mktemp("demo_cache"))
+    yield os.environ["HF_SOFTMAX_CACHE"]
+    if old is None:
+        os.environ.pop("HF_SOFTMAX_CACHE", None)
+    else:
+        os.environ["HF_SOFTMAX_CACHE"] = old

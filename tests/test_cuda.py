@@ -9,7 +9,6 @@ accuracy. ``bash bench/gpu_check.sh`` runs this file on a lent GPU machine.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -22,19 +21,9 @@ from tests.conftest import module_cfg, step_losses
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.usefixtures("demo_cache"),  # tests/conftest.py
 ]
 CUDA = torch.device("cuda")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def demo_cache(tmp_path_factory):
-    old = os.environ.get("HF_SOFTMAX_CACHE")
-    os.environ["HF_SOFTMAX_CACHE"] = str(tmp_path_factory.mktemp("demo_cache"))
-    yield os.environ["HF_SOFTMAX_CACHE"]
-    if old is None:
-        os.environ.pop("HF_SOFTMAX_CACHE", None)
-    else:
-        os.environ["HF_SOFTMAX_CACHE"] = old
 
 
 def test_offload_keeps_rows_pinned_on_host_and_moves_only_active_rows():

@@ -48,15 +48,7 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def demo_cache(tmp_path_factory):
-    old = os.environ.get("HF_SOFTMAX_CACHE")
-    os.environ["HF_SOFTMAX_CACHE"] = str(tmp_path_factory.mktemp("demo_cache"))
-    yield os.environ["HF_SOFTMAX_CACHE"]
-    if old is None:
-        os.environ.pop("HF_SOFTMAX_CACHE", None)
-    else:
-        os.environ["HF_SOFTMAX_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("demo_cache")  # tests/conftest.py
 
 
 def compose_cfg(overrides: list[str], output_dir: Path, runs_dir: Path | None = None) -> DictConfig:
