@@ -75,3 +75,27 @@ def test_pairs(built):
         assert set(vs.images) <= test_png  # only held-out faces
         for p in range(len(vs)):  # the two images of a pair always differ (two faces)
             assert vs.images[2 * p] != vs.images[2 * p + 1]
+
+
+def test_run_trains_and_scores_through_train_and_evaluate(built, tmp_path):
+    """`bench.hangul run` on the tiny set: one real train.py + evaluate.py job, then the report."""
+    from bench.hangul.cli_run import parse_job
+    from bench.hangul.report import render
+    from bench.hangul.run import load_results, run_all
+
+    job = parse_job("auto rf0.5:sampler=auto sampler.random_fraction=0.5", 0.5, seed=0)
+    assert (job.sampler, job.overrides) == ("auto", ["sampler.random_fraction=0.5"])
+    out = tmp_path / "hangul.json"
+    run_all([job], built[0], steps=3, batch=8, threads=1, work=tmp_path / "runs", results_path=out)
+    (row,) = load_results(out)["rows"]
+    assert row["num"] == 20 and row["steps"] == 3 and row["num_classes"] == 40
+    for key in ("top1", "top5", "pairs", "lookalike"):
+        assert 0.0 <= row[key] <= 1.0, key
+    assert row["top5"] >= row["top1"] and row["train_s"] > 0
+    assert "sampler=auto" in row["command"] and "data.flip=false" in row["command"]
+    # a second call finds the row and runs nothing
+    run_all([job], built[0], steps=3, batch=8, threads=1, work=tmp_path / "runs", results_path=out)
+    assert len(load_results(out)["rows"]) == 1
+    text = render(load_results(out), out_dir=tmp_path)
+    assert (tmp_path / "hangul.png").exists()
+    assert "| auto rf0.5 | 20 |" in text and "M/N = 50%" in text

@@ -52,7 +52,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda s: -s["top1"])
 
 
-def render(results: dict[str, Any], plot_name: str = "hangul.png") -> str:
+def render(results: dict[str, Any], plot_name: str = "hangul.png", out_dir: Path = OUT_DIR) -> str:
+    """Markdown for docs/benchmarks.md; the plot goes to ``out_dir / plot_name``."""
     rows = results.get("rows", [])
     if not rows:
         return "No Hangul runs yet: `python -m bench.hangul run`."
@@ -86,7 +87,7 @@ def render(results: dict[str, Any], plot_name: str = "hangul.png") -> str:
     notes = OUT_DIR / "hangul_notes.md"  # hand-written analysis kept beside the numbers
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]
-    _plot(by_fraction, plot_name)
+    _plot(by_fraction, plot_name, out_dir)
     lines += ["", f"![Hangul: accuracy vs wall time](bench/{plot_name})"]
     return "\n".join(lines)
 
