@@ -96,7 +96,7 @@ class IndexRebuild(pl.Callback):
     def __init__(
         self,
         interval: int = 100,
-        background: bool = False,
+        background: bool | str = False,
         probe_every: int = 0,
         probe_k: int = 10,
         min_recall: float | None = None,
@@ -119,7 +119,12 @@ class IndexRebuild(pl.Callback):
                 f"sampler.min_recall set (got probe_every={probe_every}, min_recall={min_recall})"
             )
         self.interval = int(interval)
-        self.background = bool(background)
+        if isinstance(background, str) and background != "auto":
+            raise ValueError(f"IndexRebuild: sampler.background must be true, false or auto, got "
+                             f"{background!r}")  # fmt: skip
+        # "auto": the sampler says (exact: a rebuild is a copy of W, done inline, so runs stay
+        # deterministic; annoy/hnsw builds take seconds to minutes: background)
+        self.background = background if background == "auto" else bool(background)
         self.probe_every = int(probe_every)
         self.probe_k = None if probe_k is None else int(probe_k)  # None: the step's k
         self.target = None if target_recall is None else RecallTarget(float(target_recall))
@@ -191,6 +196,11 @@ class IndexRebuild(pl.Callback):
         finally:
             job.seconds = time.perf_counter() - t0
             job.done.set()
+
+    def _in_background(self, pl_module: pl.LightningModule) -> bool:
+        if self.background != "auto":
+            return self.background
+        return not getattr(self._classifier(pl_module).sampler, "inline_build", False)
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, background: bool) -> None:
         classifier = self._classifier(pl_module)
@@ -328,7 +338,7 @@ class IndexRebuild(pl.Callback):
                     self.skipped_busy += 1
                 self._pending = True
             else:
-                self._start(trainer, pl_module, self.background)
+                self._start(trainer, pl_module, self._in_background(pl_module))
 
     def on_train_batch_end(
         self,

@@ -149,3 +149,20 @@ def test_recall_target_raises_effort_on_a_fresh_index_and_rebuilds_a_stale_one()
     assert target.update(s, 0.95, k=2, steps_since_swap=0) is None
     with pytest.raises(ValueError, match="target_recall"):
         RecallTarget(1.5)
+
+
+def test_background_auto_builds_exact_inline_and_annoy_in_a_thread():
+    from types import SimpleNamespace
+
+    from callbacks.index_rebuild import IndexRebuild
+
+    cb = IndexRebuild(background="auto")
+    for name, threaded in (("exact", False), ("annoy", True), ("hnsw", True)):
+        sampler = build_sampler({"name": name, "num": 10}, 100, "cosine")
+        assert cb._in_background(SimpleNamespace(classifier=SimpleNamespace(sampler=sampler))) \
+            is threaded  # fmt: skip
+    auto = build_sampler({"name": "auto", "num": 10}, 100, "cosine")
+    auto.build_index(np.zeros((100, 8), np.float32))  # N x D small: the exact backend
+    assert auto.inline_build
+    with pytest.raises(ValueError, match="background"):
+        IndexRebuild(background="sometimes")

@@ -65,6 +65,10 @@ class AutoSampler(Sampler):
         return self.backend
 
     @property
+    def inline_build(self) -> bool:  # the backend's (exact: inline; annoy: background)
+        return bool(getattr(self.backend, "inline_build", False))
+
+    @property
     def kind(self) -> str | None:
         """The chosen backend's name (None before the first build)."""
         return None if self.backend is None else self.backend.name

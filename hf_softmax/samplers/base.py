@@ -72,6 +72,7 @@ class Sampler:
     random_fraction: float = 0.0
     index_after: int = 0
     correction: str = "none"
+    inline_build: bool = False  # builds cheap enough to run inside the step (background: auto)
 
     def __init__(self, num_classes: int, num: int, metric: str = "ip", seed: int = 0) -> None:
         if metric not in METRICS:

@@ -72,6 +72,7 @@ class ExactSampler(Sampler):
     name = "exact"
     dense = False
     needs_index = True
+    inline_build = True  # a build is a normalised copy of W
 
     def __init__(
         self,
