@@ -47,7 +47,7 @@ def test_every_group_has_options():
 
 def test_defaults(tmp_path):
     cfg = compose_train([], tmp_path)
-    assert cfg.data.demo is True and cfg.sampler.name == "annoy" and cfg.model.name == "tiny"
+    assert cfg.data.demo is True and cfg.sampler.name == "auto" and cfg.model.name == "tiny"
     assert cfg.trainer.accelerator == "cpu"
     assert set(cfg.logger) == {"wandb", "csv"}
     assert cfg.hydra.callbacks.sweep_summary._target_ == "hf_softmax.sweep.SweepSummary"

@@ -105,7 +105,7 @@ def _plot(
                     continue
                 label = f"{s['label']} ({100 * fraction:g}%)"
                 marker = markers[i % len(markers)]
-                color = f"C{j % 10}"
+                color = plt.cm.tab20(j % 20)
                 ax.scatter(s["train_s"], 100 * s[key], marker=marker, color=color, label=label)
     axes[0].set(xlabel="train wall time (s)", ylabel="top-1 on held-out faces (%)")
     axes[1].set(xlabel="train wall time (s)", ylabel="look-alike verification (%)")
