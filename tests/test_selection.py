@@ -166,3 +166,15 @@ def test_background_auto_builds_exact_inline_and_annoy_in_a_thread():
     assert auto.inline_build
     with pytest.raises(ValueError, match="background"):
         IndexRebuild(background="sometimes")
+
+
+def test_effort_is_each_index_query_knob():
+    annoy = build_sampler({"name": "annoy", "num": 10, "ntrees": 5}, 100, "cosine")
+    annoy.effort = 400
+    assert annoy.search_k == 400 and annoy.default_effort(3) == 15
+    hnsw = build_sampler({"name": "hnsw", "num": 10, "ef": 32}, 100, "cosine")
+    hnsw.effort = 64
+    assert hnsw.ef == 64 and hnsw.effort == 64
+    exact = build_sampler({"name": "exact", "num": 10}, 100, "cosine")
+    exact.effort = 5  # no knob: ignored
+    assert exact.effort is None and exact.default_effort(3) is None

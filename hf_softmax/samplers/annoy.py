@@ -39,6 +39,7 @@ class AnnoySampler(Sampler):
     name = "annoy"
     dense = False
     needs_index = True
+    effort_knob = "search_k"  # nodes inspected per query
 
     def __init__(
         self,
@@ -78,15 +79,6 @@ class AnnoySampler(Sampler):
 
     def query(self, features: np.ndarray, k: int) -> np.ndarray:
         return self.query_index(self._index, features, k)  # read once: a swap cannot tear it
-
-    @property
-    def effort(self) -> int:
-        """search_k: nodes inspected per query (the knob ``target_recall`` tunes)."""
-        return self.search_k
-
-    @effort.setter
-    def effort(self, value: int) -> None:
-        self.search_k = int(value)
 
     def default_effort(self, k: int) -> int:
         return self.ntrees * k  # what Annoy uses for search_k = -1

@@ -85,12 +85,12 @@ class AutoSampler(Sampler):
     # target_recall tunes the backend's query effort; exact has none (always perfect)
     @property
     def effort(self) -> int | None:
-        return getattr(self.backend, "effort", None)
+        return None if self.backend is None else self.backend.effort
 
     @effort.setter
     def effort(self, value: int) -> None:
-        if hasattr(self.backend, "effort"):
+        if self.backend is not None:
             self.backend.effort = value
 
     def default_effort(self, k: int) -> int | None:
-        return self.backend.default_effort(k) if hasattr(self.backend, "default_effort") else None
+        return None if self.backend is None else self.backend.default_effort(k)

@@ -73,6 +73,7 @@ class Sampler:
     index_after: int = 0
     correction: str = "none"
     inline_build: bool = False  # builds cheap enough to run inside the step (background: auto)
+    effort_knob: str | None = None  # the query-effort knob ``target_recall`` tunes, if any
 
     def __init__(self, num_classes: int, num: int, metric: str = "ip", seed: int = 0) -> None:
         if metric not in METRICS:
@@ -123,6 +124,21 @@ class Sampler:
         self.index_after = int(index_after)
         self.correction = str(correction)
         return self
+
+    # -- query effort (sampler.target_recall, hf_softmax/recall_target.py) ------------------
+    @property
+    def effort(self) -> int | None:
+        """The value of ``effort_knob`` (annoy ``search_k``, hnsw ``ef``); None without one."""
+        return None if self.effort_knob is None else getattr(self, self.effort_knob)
+
+    @effort.setter
+    def effort(self, value: int) -> None:
+        if self.effort_knob is not None:
+            setattr(self, self.effort_knob, int(value))
+
+    def default_effort(self, k: int) -> int | None:
+        """The effort the index uses at the step's k when not tuned (None without a knob)."""
+        return None
 
     # -- M ---------------------------------------------------------------------------------
     @property

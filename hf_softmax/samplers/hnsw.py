@@ -35,6 +35,7 @@ class HNSWSampler(Sampler):
     name = "hnsw"
     dense = False
     needs_index = True
+    effort_knob = "ef"  # the query beam
 
     def __init__(
         self,
@@ -108,15 +109,6 @@ class HNSWSampler(Sampler):
             with self._lock:
                 return self._knn(self._index, feats, k)
         return self._knn(self._index, feats, k)
-
-    @property
-    def effort(self) -> int:
-        """ef: the query beam (the knob ``target_recall`` tunes)."""
-        return self.ef
-
-    @effort.setter
-    def effort(self, value: int) -> None:
-        self.ef = int(value)
 
     def default_effort(self, k: int) -> int:
         return max(self.ef, k)
