@@ -197,9 +197,6 @@ class IndexRebuild(pl.Callback):
             job.seconds = time.perf_counter() - t0
             job.done.set()
 
-    def _inline_every_step(self, pl_module: pl.LightningModule) -> bool:
-        return self.background == "auto" and not self._in_background(pl_module)
-
     def _in_background(self, pl_module: pl.LightningModule) -> bool:
         if self.background != "auto":
             return self.background
@@ -334,10 +331,7 @@ class IndexRebuild(pl.Callback):
         step = trainer.global_step
         self._collect(trainer, pl_module, wait=False)
         self._apply_num_schedule(pl_module, step)
-        # background "auto" with an inline build (exact: a copy of W): every step, so the
-        # selection never sees stale rows; threaded builds follow the interval
-        interval = 1 if self._inline_every_step(pl_module) else self.interval
-        due = step % interval == 0 and step != self.last_build_step
+        due = step % self.interval == 0 and step != self.last_build_step
         if due or self._pending:
             if self.busy:
                 if due:

@@ -114,22 +114,6 @@ def test_interval_schedule_sync():
     assert cb.builds == 4 and module.classifier.sampler.has_index
 
 
-def test_background_auto_rebuilds_exact_inline_every_step_and_annoy_on_interval():
-    """`auto` on the exact backend: a fresh index before every step (recall stays 1 at the
-    step's k); on the annoy backend (N x D over the limit): a thread every `interval`."""
-    module = HFSoftmaxModule(make_cfg("auto"), NUM_CLASSES)
-    cb = IndexRebuild(interval=4, background="auto", probe_every=1, probe_k=None)
-    fit(module, [cb], steps=6)
-    assert [r.start_step for r in cb.history] == [0, 1, 2, 3, 4, 5]
-    assert not any(r.background for r in cb.history) and module.classifier.sampler.kind == "exact"
-    module = HFSoftmaxModule(make_cfg("auto", exact_max_elements=1, n_jobs=1), NUM_CLASSES)
-    cb = IndexRebuild(interval=4, background="auto")
-    fit(module, [cb], steps=6)
-    cb.wait(None, module)
-    assert module.classifier.sampler.kind == "annoy"
-    assert [r.start_step for r in cb.history] == [0, 4] and cb.history[-1].background
-
-
 def test_background_build_never_blocks_a_step():
     module = with_sampler(HFSoftmaxModule(make_cfg("annoy"), NUM_CLASSES), GatedAnnoy)
     sampler = module.classifier.sampler
