@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from annoy import AnnoyIndex
 
-from hf_softmax.samplers.base import Sampler, pad_ids
+from hf_softmax.samplers.base import Sampler
 
 _ANNOY_METRIC = {"ip": "dot", "cosine": "angular"}
 _ADD_CHUNK = 4096  # rows converted per tolist(): ~1 ms of GIL at D = 256
@@ -104,3 +104,12 @@ class AnnoySampler(Sampler):
         for future in futures:
             rows += future.result()
         return pad_ids(rows, k)
+
+
+def pad_ids(rows: list[list[int]], k: int) -> np.ndarray:
+    """Ragged neighbour lists -> (B, k) int64 padded with -1."""
+    out = np.full((len(rows), k), -1, dtype=np.int64)
+    for i, r in enumerate(rows):
+        r = r[:k]
+        out[i, : len(r)] = r
+    return out

@@ -296,19 +296,3 @@ class Sampler:
             f"{type(self).__name__}(num_classes={self.num_classes}, num={self.num}, "
             f"metric={self.metric!r}, has_index={self.has_index})"
         )
-
-
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """(n, D) -> rows scaled to unit L2 norm (zero rows stay zero), float32."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
-def pad_ids(rows: list[list[int]], k: int) -> np.ndarray:
-    """Ragged neighbour lists -> (B, k) int64 padded with -1."""
-    out = np.full((len(rows), k), -1, dtype=np.int64)
-    for i, r in enumerate(rows):
-        r = r[:k]
-        out[i, : len(r)] = r
-    return out
