@@ -200,7 +200,7 @@ class IndexRebuild(pl.Callback):
     def _in_background(self, pl_module: pl.LightningModule) -> bool:
         if self.background != "auto":
             return self.background
-        return not getattr(self._classifier(pl_module).sampler, "inline_build", False)
+        return not self._classifier(pl_module).sampler.inline_build
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, background: bool) -> None:
         classifier = self._classifier(pl_module)
@@ -365,13 +365,12 @@ class IndexRebuild(pl.Callback):
             action = self.target.update(sampler, recall, k, step - self.last_swap_step)
             if action == "rebuild" and not self.busy:
                 self._pending = True
-            effort = getattr(sampler, "effort", None)
-            if effort is not None:
-                self._log(pl_module, "index/effort", float(effort))
+            if sampler.effort is not None:
+                self._log(pl_module, "index/effort", float(sampler.effort))
         if self.adaptive and recall < self.min_recall and not self.busy:
             self.adaptive_triggers += 1
-            log.info("recall@%d = %.3f < %.3f at step %d: rebuilding the index", self.probe_k,
-                     recall, self.min_recall, step)  # fmt: skip
+            log.info("recall@%d = %.3f < %.3f at step %d: rebuilding the index", k, recall,
+                     self.min_recall, step)  # fmt: skip
             self._pending = True
 
     def probe(self, pl_module: pl.LightningModule, features: torch.Tensor) -> tuple[float, int]:

@@ -46,8 +46,7 @@ class RecallTarget:
 
         Returns ``"raise"``, ``"lower"``, ``"rebuild"`` or None (nothing to do).
         """
-        effort = getattr(sampler, "effort", None)
-        base = sampler.default_effort(k) if hasattr(sampler, "default_effort") else None
+        effort, base = sampler.effort, sampler.default_effort(k)  # None: no effort knob
         fresh = steps_since_swap <= self.fresh_steps
         if recall < self.target:
             if not fresh:
@@ -70,6 +69,3 @@ class RecallTarget:
                 self.lowered += 1
                 return "lower"
         return None
-
-    def state_dict(self) -> dict[str, int]:
-        return {"raised": self.raised, "lowered": self.lowered, "rebuilds": self.rebuilds}

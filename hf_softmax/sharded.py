@@ -168,8 +168,7 @@ class DistributedCrossEntropy(torch.autograd.Function):
     """Softmax cross-entropy whose classes are split over ranks, gradient written by hand.
 
     forward(logits (B, M_r), targets (B,) int64 in 0..M_r-1 or -1 where the target class is
-    on another rank, group) -> (loss scalar: mean over B, hit (B,) bool: target logit is the
-    row maximum, i.e. top-1 correct). Every rank gets the same loss.
+    on another rank, group) -> loss scalar: mean over B. Every rank gets the same loss.
 
     backward: d loss / d logits = (softmax - onehot_local) / B, with the softmax normalised by
     the global max and sum of exponentials saved from forward; no collective is needed.
@@ -198,13 +197,11 @@ class DistributedCrossEntropy(torch.autograd.Function):
             sum_exp, target_logit = stats[0], stats[1]
             loss = (sum_exp.log() + row_max - target_logit).mean()
             probs.div_(sum_exp[:, None])
-            hit = target_logit >= row_max
         ctx.save_for_backward(probs, targets)
-        ctx.mark_non_differentiable(hit)
-        return loss, hit
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, grad_hit: Any):
+    def backward(ctx, grad_loss: torch.Tensor):
         probs, targets = ctx.saved_tensors
         grad = probs.clone()
         rows = torch.nonzero(targets >= 0).view(-1)
@@ -521,7 +518,7 @@ class ShardedClassifier(nn.Module):
         if active.logit_adjust is not None:  # sampling correction (loss only)
             logits = logits + active.logit_adjust.to(logits.device, logits.dtype)
         # float32 softmax statistics even when autocast made the logits bf16
-        loss, _ = DistributedCrossEntropy.apply(logits.float(), targets, self.group)
+        loss = DistributedCrossEntropy.apply(logits.float(), targets, self.group)
         hit = self._plain_hit(feats, leaf, targets)
         self._pending = (active.ids, leaf) if track else None
         global_set = ActiveSet(active.ids + self.start, active.targets, active.num_positives)

@@ -116,11 +116,10 @@ def logged_recall(run_dir: Path) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def run_job(job: Job, data: Path, steps: int, batch: int, threads: int, work: Path,
-            num_classes: int) -> dict[str, Any]:  # fmt: skip
-    run_dir = work / job.name
+def run_job(job: Job, cmd: list[str], run_dir: Path, data: Path) -> dict[str, Any]:
+    """Train with ``cmd`` (its ``hydra.run.dir`` is ``run_dir``), evaluate the checkpoint on
+    ``data``; -> the job's scores and times (run_all adds the budget)."""
     shutil.rmtree(run_dir, ignore_errors=True)  # a stale run's CSV would mix into the recall
-    cmd = train_command(job, data, steps, batch, threads, run_dir, num_classes)
     log.info("%s: %s", job.name, shlex.join(cmd[1:]))
     train_s = _run(cmd, run_dir / "train.out")
     ckpt = run_dir / "checkpoints" / "last.ckpt"
@@ -130,17 +129,13 @@ def run_job(job: Job, data: Path, steps: int, batch: int, threads: int, work: Pa
         "label": job.label,
         "sampler": job.sampler,
         "fraction": job.fraction,
-        "num": num_active(job.fraction, num_classes, batch),
         "seed": job.seed,
-        "steps": steps,
-        "batch": batch,
         "top1": metrics.get("test/top1"),
         "top5": metrics.get("test/top5"),
         "pairs": metrics.get("pairs/acc"),
         "lookalike": metrics.get("pairs_lookalike/acc"),
         "train_s": train_s,
         "recall": logged_recall(run_dir),
-        "command": shlex.join(cmd[1:]),
     }
     log.info("%s: top1 %.4f lookalike %.4f (%.0f s)", job.name, row["top1"] or math.nan,
              row["lookalike"] or math.nan, train_s)  # fmt: skip
@@ -170,15 +165,15 @@ def run_all(jobs: list[Job], data: Path, steps: int, batch: int, threads: int, w
     results = load_results(results_path)
     results["data"] = str(data)
     for job in jobs:
-        cmd = shlex.join(
-            train_command(job, data, steps, batch, threads, work / job.name, num_classes)[1:]
-        )
-        done = [r for r in results["rows"] if r.get("command") == cmd]
-        if done and not force:
+        run_dir = work / job.name
+        cmd = train_command(job, data, steps, batch, threads, run_dir, num_classes)
+        text = shlex.join(cmd[1:])
+        if not force and any(r.get("command") == text for r in results["rows"]):
             log.info("%s: already measured (use --force to rerun)", job.name)
             continue
-        row = run_job(job, data, steps, batch, threads, work, num_classes)
-        row["num_classes"] = num_classes
-        results["rows"] = [r for r in results["rows"] if r.get("command") != cmd] + [row]
+        row = run_job(job, cmd, run_dir, data)
+        row.update(num=num_active(job.fraction, num_classes, batch), steps=steps, batch=batch,
+                   num_classes=num_classes, command=text)  # fmt: skip
+        results["rows"] = [r for r in results["rows"] if r.get("command") != text] + [row]
         save_results(results, results_path)
     return results

@@ -66,7 +66,7 @@ class AutoSampler(Sampler):
 
     @property
     def inline_build(self) -> bool:  # the backend's (exact: inline; annoy: background)
-        return bool(getattr(self.backend, "inline_build", False))
+        return self.backend is not None and self.backend.inline_build
 
     @property
     def kind(self) -> str | None:
