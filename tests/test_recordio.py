@@ -179,7 +179,7 @@ def test_reader_is_picklable_and_reads_in_forked_workers(reader):
 
 
 def _read_in_child(reader, queue):
-    queue.put(([reader.read_idx(k) for k in reader.keys], reader._pid == os.getpid()))
+    queue.put(([reader.read_idx(k) for k in reader.keys], reader.file.pid == os.getpid()))
 
 
 def test_reader_used_before_fork_reopens_in_child(reader):
@@ -191,7 +191,7 @@ def test_reader_used_before_fork_reopens_in_child(reader):
     records, own_handle = queue.get(timeout=60)
     child.join(timeout=60)
     assert child.exitcode == 0 and records == expected and own_handle
-    assert reader._pid == os.getpid() and reader.read_idx(4) == expected[4]
+    assert reader.file.pid == os.getpid() and reader.read_idx(4) == expected[4]
 
 
 @settings(max_examples=60, deadline=None)
