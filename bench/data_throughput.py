@@ -23,10 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,8 +34,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bench.common import REPO, machine_info, markdown_table, pyplot, setup_logging
-from data.datamodule import RecordImageDataset, collate_images
-from data.demo import _encode_jpeg, render_faces, sample_identities
+from bench.data_mxnet import mxnet_python_path, time_mxnet
+from data.datasets import RecordImageDataset, collate_images
+from data.demo_faces import encode_jpeg, render_faces, sample_identities
 from data.recordio import IRHeader, RecordReader, RecordWriter, pack
 from data.transforms import decode_image, hflip
 
@@ -47,37 +45,6 @@ log = logging.getLogger("bench.data_throughput")
 DEFAULT_OUT = REPO / "docs" / "bench" / "data_throughput.md"
 IMAGE_SIZE = 112
 BATCH = 128
-
-# Runs under the mxnet interpreter (numpy < 1.24, no torch): same work as our pipeline.
-_MXNET_SCRIPT = r"""
-import json, sys, time
-import numpy as np
-import mxnet as mx
-rec, idx, keys_file, repeats, shuffle, batch = sys.argv[1:7]
-keys = [int(k) for k in open(keys_file).read().split()]
-repeats, shuffle, batch = int(repeats), shuffle == "1", int(batch)
-reader = mx.recordio.MXIndexedRecordIO(idx, rec, "r")
-rng = np.random.default_rng(0)
-def one_pass():
-    order = rng.permutation(keys).tolist() if shuffle else keys
-    n = 0
-    for start in range(0, len(order), batch):
-        out = []
-        for key in order[start:start + batch]:
-            _, img = mx.recordio.unpack(reader.read_idx(key))
-            arr = mx.image.imdecode(img).asnumpy()          # (H, W, 3) uint8 RGB
-            if rng.random() < 0.5:
-                arr = arr[:, ::-1]
-            out.append(arr.transpose(2, 0, 1))
-        x = (np.stack(out).astype(np.float32) - 127.5) / 127.5
-        n += len(x)
-    return n
-one_pass()
-times = []
-for _ in range(repeats):
-    t = time.perf_counter(); n = one_pass(); times.append(time.perf_counter() - t)
-print(json.dumps({"n": n, "times": times, "version": mx.__version__}))
-"""
 
 
 class FolderDataset(Dataset):
@@ -118,7 +85,7 @@ def make_dataset(root: Path, num_images: int, seed: int = 0) -> tuple[Path, Path
             lab = labels[start : start + 256]
             for j, arr in enumerate(render_faces(params[lab], rng, IMAGE_SIZE)):
                 key = start + j
-                w.write_idx(key, pack(IRHeader(0, float(lab[j]), key, 0), _encode_jpeg(arr, 95)))
+                w.write_idx(key, pack(IRHeader(0, float(lab[j]), key, 0), encode_jpeg(arr, 95)))
     write_property(rec_dir / "property", len(params), (IMAGE_SIZE, IMAGE_SIZE))
     folder = root / "folder"
     rec_to_images(rec_dir / "train.rec", folder)
@@ -151,38 +118,6 @@ def time_loader(loader: DataLoader, repeats: int) -> tuple[float, int]:
     return float(np.median(times)), n
 
 
-def _mxnet_python(explicit: str | None) -> tuple[str | None, str]:
-    """An interpreter that can ``import mxnet``, or (None, why not)."""
-    candidates = [c for c in (explicit, os.environ.get("MXNET_PYTHON"), sys.executable) if c]
-    reasons = []
-    for py in candidates:
-        try:
-            r = subprocess.run(
-                [py, "-c", "import mxnet"], capture_output=True, text=True, timeout=120
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            reasons.append(f"{py}: {exc}")
-            continue
-        if r.returncode == 0:
-            return py, ""
-        last = (r.stderr.strip().splitlines() or ["?"])[-1]
-        reasons.append(f"{py}: {last[:120]}")
-    return None, "skipped: mxnet not importable (" + "; ".join(reasons) + ")"
-
-
-def time_mxnet(py: str, rec_dir: Path, keys: list[int], repeats: int, shuffle: bool) -> dict:
-    with tempfile.NamedTemporaryFile("w", suffix=".keys", delete=False) as f:
-        f.write(" ".join(map(str, keys)))
-    try:
-        args = [py, "-c", _MXNET_SCRIPT, str(rec_dir / "train.rec"), str(rec_dir / "train.idx")]
-        args += [f.name, str(repeats), "1" if shuffle else "0", str(BATCH)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MXNET_CPU_WORKER_NTHREADS": "1"}
-        r = subprocess.run(args, capture_output=True, text=True, check=True, env=env)
-    finally:
-        os.unlink(f.name)
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
 def run(quick: bool = False, mxnet_python: str | None = None, workers=(0, 1, 2)) -> dict[str, Any]:
     """Measure every (source, order, workers) combination; returns rows + machine info."""
     num_images = 1024 if quick else 5120
@@ -210,11 +145,11 @@ def run(quick: bool = False, mxnet_python: str | None = None, workers=(0, 1, 2))
                     rows.append(dict(source=source, order=order, workers=w, images=n,
                                      seconds=sec, images_per_s=n / sec))  # fmt: skip
                     log.info("%-7s %-10s workers=%d: %8.0f images/s", source, order, w, n / sec)
-        py, why = _mxnet_python(mxnet_python)
+        py, why = mxnet_python_path(mxnet_python)
         mxnet_note = why
         if py is not None:
             for shuffle in (False, True):
-                res = time_mxnet(py, rec_dir, keys.tolist(), repeats, shuffle)
+                res = time_mxnet(py, rec_dir, keys.tolist(), repeats, shuffle, BATCH)
                 sec = float(np.median(res["times"]))
                 rows.append(dict(source="mxnet", order="shuffled" if shuffle else "sequential",
                                  workers=0, images=res["n"], seconds=sec,

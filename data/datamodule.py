@@ -10,34 +10,24 @@ Batches (C = ``channels``: 3 RGB, 1 grayscale for a ``model.in_channels=1`` back
     <bin>:   ``(images, index (B,) int64)`` unflipped; ``index`` points into the set's image list,
              pairs are (2i, 2i+1) and ``verification_sets[name].issame[i]`` says if they match.
 
-Datasets keep the encoded bytes on disk (train) or in memory (.bin) and decode in the worker.
-They hold a ``RecordReader``, which opens its file handle lazily per process: datasets pickle
-(spawn) and fork safely.
-
-Exact resume: the training loader is a ``ResumableDataLoader`` over a ``ResumableSampler``. Order
-and flips of an epoch are functions of (seed, epoch, rank) alone, and the loader's ``state_dict``
-(saved by Lightning in every checkpoint, under ``loops.fit_loop.state_dict.combined_loader``)
-records how far the epoch got, so ``ckpt_path=...`` continues mid-epoch with the very batches an
-uninterrupted run would see, for any ``num_workers``. The sampler is a ``DistributedSampler``:
-under DDP it shards by rank itself (Lightning leaves it in place) and resumes each rank's shard at
-the same position; resuming with another world size restarts that epoch's order (logged warning).
+The datasets and their collate live in ``data.datasets``; the training loader is a
+``data.resumable.ResumableDataLoader`` (exact mid-epoch resume); ``.bin`` names resolve with
+``data.verification.find_bin``. All are importable from here too.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
-from collections.abc import Callable, Iterator, Sequence
-from multiprocessing.context import get_spawning_popen
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
-import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from data.transforms import ImageDecodeError, decode_image, hflip
+from data.datasets import BinImageDataset, RecordImageDataset, SkipCounter, collate_images
+from data.layout import split_holdout
+from data.resumable import ResumableDataLoader, ResumableSampler
+from data.verification import find_bin
 
 log = logging.getLogger(__name__)
 
@@ -55,293 +45,6 @@ __all__ = [
 ]
 
 
-class SkipCounter:
-    """Count of skipped (undecodable) images shared by the main process and its workers.
-
-    Backed by a ``multiprocessing.Value`` inherited by DataLoader workers (fork or spawn);
-    pickled any other way (e.g. ``pickle.dumps(dataset)``) the copy gets its own local count.
-    """
-
-    def __init__(self) -> None:
-        self._shared = mp.Value("q", 0)
-        self._local = 0
-
-    def add(self, n: int = 1) -> None:
-        if self._shared is not None:
-            with self._shared.get_lock():
-                self._shared.value += n
-        else:
-            self._local += n
-
-    @property
-    def value(self) -> int:
-        return int(self._shared.value) if self._shared is not None else self._local
-
-    def __getstate__(self) -> dict:
-        if get_spawning_popen() is not None:  # being sent to a starting worker process
-            return {"_shared": self._shared, "_local": 0}
-        return {"_shared": None, "_local": self.value}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-
-
-class _ImageDataset(Dataset):
-    """Shared decode path: bytes -> (C,H,W) uint8 at ``image_size``, optional random flip."""
-
-    def __init__(
-        self,
-        image_size: tuple[int, int],
-        flip: bool,
-        skip_corrupt: bool,
-        counter: SkipCounter,
-        channels: int = 3,
-    ):
-        self.image_size = tuple(image_size)
-        self.flip = flip
-        self.channels = int(channels)
-        self.skip_corrupt = skip_corrupt
-        self.skipped = counter
-
-    def _image(self, data: bytes, source: str, flip: bool | None = None) -> torch.Tensor | None:
-        """``flip``: None = random (if ``self.flip``), else as given (``ResumableSampler``)."""
-        try:
-            img = decode_image(data, source, size=self.image_size, channels=self.channels)
-        except ImageDecodeError as exc:
-            if not self.skip_corrupt:
-                raise
-            self.skipped.add()
-            log.warning("skipping undecodable image (skip_corrupt=True): %s", exc)
-            return None
-        if flip is None:
-            # torch's RNG: seeded per worker by the DataLoader (and seed_everything(workers=True))
-            flip = self.flip and bool(torch.rand(()) < 0.5)
-        if flip:
-            img = hflip(img)
-        return img
-
-
-class RecordImageDataset(_ImageDataset):
-    """Images of a .rec by key. Item ``i``: ``((C,H,W) uint8, label int)`` or None if skipped.
-
-    Also indexable by ``(i, flip)`` (what ``ResumableSampler`` yields): the flip is then given.
-    """
-
-    def __init__(
-        self,
-        reader,
-        keys: np.ndarray,
-        labels: np.ndarray,
-        image_size: tuple[int, int],
-        flip: bool = False,
-        skip_corrupt: bool = False,
-        counter: SkipCounter | None = None,
-        channels: int = 3,
-    ):
-        super().__init__(image_size, flip, skip_corrupt, counter or SkipCounter(), channels)
-        from data.recordio import unpack
-
-        self._unpack = unpack
-        self.reader = reader  # data.recordio.RecordReader: lazy per-process handle
-        self.keys = np.asarray(keys, dtype=np.int64)
-        self.labels = np.asarray(labels, dtype=np.int64)
-        if len(self.keys) != len(self.labels):
-            raise ValueError(f"{len(self.keys)} keys but {len(self.labels)} labels")
-        self._name = Path(reader.rec_path).name
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, item: int | tuple[int, bool]):
-        i, flip = item if isinstance(item, tuple) else (item, None)
-        key = int(self.keys[i])
-        _, payload = self._unpack(self.reader.read_idx(key))
-        img = self._image(payload, f"{self.reader.rec_path} key {key}", flip)
-        return None if img is None else (img, int(self.labels[i]))
-
-
-class BinImageDataset(_ImageDataset):
-    """Images of a verification set (in memory). Item ``i``: ``((C,H,W) uint8, i)`` or None."""
-
-    def __init__(
-        self,
-        images: Sequence[bytes],
-        name: str,
-        image_size: tuple[int, int],
-        skip_corrupt: bool = False,
-        counter: SkipCounter | None = None,
-        channels: int = 3,
-    ):
-        super().__init__(image_size, False, skip_corrupt, counter or SkipCounter(), channels)
-        self.images = images
-        self.name = name
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        img = self._image(self.images[i], f"{self.name} image {i}")
-        return None if img is None else (img, i)
-
-
-class ResumableSampler(DistributedSampler):
-    """Epoch order and flips from (seed, epoch, rank); resumes mid-epoch from its state_dict.
-
-    Yields ``(index, flip)`` (plain ``index`` when ``flip`` is False): this rank's share of the
-    ``DistributedSampler`` permutation (seeded with ``seed + epoch``; ``num_replicas``/``rank``
-    default to the process group's, or 1/0 without one) and a flip bit per position from
-    ``default_rng([seed, epoch, rank])``.
-    Nothing depends on global or worker RNG state: any ``num_workers`` gives the same batches.
-
-    ``progress``: how many of this epoch's items training has consumed (the DataModule counts
-    the trainer's processed batches; Lightning fetches ahead, so counting yielded items would
-    overshoot). Without it, the items yielded so far are used (exact only without workers).
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        seed: int = 0,
-        shuffle: bool = True,
-        flip: bool = True,
-        progress: Callable[[], int | None] | None = None,
-        num_replicas: int | None = None,
-        rank: int | None = None,
-    ):
-        distributed = dist.is_available() and dist.is_initialized()
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if distributed else 1
-        if rank is None:
-            rank = dist.get_rank() if distributed else 0
-        super().__init__(
-            dataset,
-            num_replicas=num_replicas,
-            rank=rank,
-            shuffle=shuffle,
-            seed=int(seed),
-        )
-        self.flip = flip
-        self.progress = progress
-        self._yielded = 0
-        self._resume: tuple[int, int] | None = None  # (epoch, items to skip in it)
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        if self._resume is not None and self._resume[0] != epoch:
-            self._resume = None
-
-    def __iter__(self) -> Iterator[tuple[int, bool] | int]:
-        indices = list(super().__iter__())  # (num_samples,) this rank's share of the epoch
-        flips = np.random.default_rng([self.seed, self.epoch, self.rank]).random(len(indices))
-        start = 0
-        if self._resume is not None and self._resume[0] == self.epoch:
-            start = min(self._resume[1], len(indices))
-        self._yielded = start
-        for pos in range(start, len(indices)):
-            self._yielded = pos + 1
-            yield (indices[pos], bool(flips[pos] < 0.5)) if self.flip else indices[pos]
-        self._resume = None  # the resumed epoch is done; later passes start at 0
-
-    def state_dict(self) -> dict:
-        consumed = self.progress() if self.progress is not None else None
-        return {
-            "epoch": int(self.epoch),
-            "seed": int(self.seed),
-            "consumed": int(self._yielded if consumed is None else consumed),
-            "num_samples": int(self.num_samples),
-            "num_replicas": int(self.num_replicas),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue epoch ``state["epoch"]`` after its first ``state["consumed"]`` items."""
-        mismatch = {
-            k: (state.get(k), v)
-            for k, v in (
-                ("seed", self.seed),
-                ("num_samples", self.num_samples),
-                ("num_replicas", self.num_replicas),
-            )
-            if state.get(k) != v
-        }
-        if mismatch:
-            log.warning(
-                "training data differs from the checkpoint's (checkpoint, now): %s; epoch %s "
-                "restarts from its first batch", mismatch, state.get("epoch"),
-            )  # fmt: skip
-            return
-        self.epoch = int(state["epoch"])
-        self._resume = (self.epoch, int(state["consumed"]))
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning checkpoints (``state_dict``) and restores mid-epoch.
-
-    Its sampler must be a ``ResumableSampler``; the state is the sampler's.
-    """
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
-
-
-def collate_images(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ``(uint8 image, int)`` items, dropping None (skipped), and normalise once per batch.
-
-    Returns ``(images (B,C,H,W) float32, targets (B,) int64)``; B may be 0 if all were skipped.
-    """
-    items = [b for b in batch if b is not None]
-    if not items:
-        return torch.empty(0, 3, 0, 0), torch.empty(0, dtype=torch.int64)
-    # numpy, not torch: with num_workers=0 this runs in the training process, where torch's
-    # intra-op thread pool can stall badly on a busy machine (measured 2 s vs 40 ms per batch
-    # of 128 at 112x112 with 2 threads on 2 loaded cores). Same values as ``normalize``.
-    images = np.stack([img.numpy() for img, _ in items]).astype(np.float32)
-    images -= np.float32(127.5)
-    images /= np.float32(127.5)
-    targets = torch.tensor([t for _, t in items], dtype=torch.int64)
-    return torch.from_numpy(images), targets
-
-
-def split_holdout(
-    labels: np.ndarray, fraction: float, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split image positions into (train, holdout) keeping >= 1 training image per class.
-
-    Args:
-        labels: ``(n,)`` int64 class of each image.
-        fraction: wanted share of held-out images, in [0, 1).
-    Returns:
-        ``(train_positions, holdout_positions)``, each sorted int64.
-    """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
-    n = len(labels)
-    if fraction == 0.0 or n == 0:
-        return np.arange(n, dtype=np.int64), np.empty(0, np.int64)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    held = order[: int(round(fraction * n))]
-    # a class whose images were all held out gets its first held-out image back
-    _, held_counts = np.unique(labels[held], return_counts=True)
-    classes, total = np.unique(labels, return_counts=True)
-    all_held = np.zeros(labels.max() + 1 if n else 0, bool)
-    held_classes = np.unique(labels[held])
-    all_held[held_classes] = held_counts == total[np.searchsorted(classes, held_classes)]
-    if all_held.any():
-        back = np.zeros(len(held), bool)
-        seen: set[int] = set()
-        for j, c in enumerate(labels[held].tolist()):
-            if all_held[c] and c not in seen:
-                seen.add(c)
-                back[j] = True
-        held = held[~back]
-    mask = np.zeros(n, bool)
-    mask[held] = True
-    return np.flatnonzero(~mask), np.flatnonzero(mask)
-
-
 def resolve_rec(path: str | Path) -> Path:
     """The .rec of a dataset given as a directory (``<dir>/train.rec``) or a .rec file."""
     p = Path(path).expanduser()
@@ -356,21 +59,9 @@ def resolve_rec(path: str | Path) -> Path:
 
 
 def resolve_bins(bins: Sequence[str], root: Path) -> list[Path]:
-    """Turn bin names (``lfw`` -> ``<root>/lfw.bin``) or paths into existing files."""
-    out = []
-    for b in bins:
-        b = str(b)
-        candidates = [Path(b).expanduser()]
-        if "/" not in b and not b.endswith(".bin"):
-            candidates = [root / f"{b}.bin", *candidates]
-        elif not candidates[0].is_absolute():
-            candidates.append(root / b)
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            looked = ", ".join(str(c) for c in candidates)
-            raise FileNotFoundError(f"verification set {b!r} not found; looked for: {looked}")
-        out.append(found)
-    return out
+    """Turn bin names (``lfw`` -> ``<root>/lfw.bin``) or paths into existing files
+    (``data.verification.find_bin``)."""
+    return [find_bin(b, [root]) for b in bins]
 
 
 class RecordDataModule(pl.LightningDataModule):

@@ -10,7 +10,8 @@ Two layouts:
 ``num_classes`` comes from the ``property`` file beside the .rec (``N,H,W``), else from the
 labels (max + 1). Labels are read with a header-only path (``RecordReader.read_labels``: one
 vectorised gather of the 24-byte header per record), so a 5M-image dataset opens in seconds;
-nothing is cached on disk.
+nothing is cached on disk. ``write_insightface`` writes the InsightFace layout (every writer
+here uses it); ``split_holdout`` picks the images held out of training for closed-set top-1.
 """
 
 from __future__ import annotations
@@ -192,3 +193,41 @@ def read_layout(reader: RecordReader, property_path: Path | str | None = None) -
         "%s: %s layout, %d images, %d classes", reader.rec_path, kind, len(image_keys), num_classes
     )
     return RecLayout(kind, image_keys, labels, num_classes, identity_ranges, image_size)
+
+
+def split_holdout(
+    labels: np.ndarray, fraction: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split image positions into (train, holdout) keeping >= 1 training image per class.
+
+    Args:
+        labels: ``(n,)`` int64 class of each image.
+        fraction: wanted share of held-out images, in [0, 1).
+    Returns:
+        ``(train_positions, holdout_positions)``, each sorted int64.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
+    n = len(labels)
+    if fraction == 0.0 or n == 0:
+        return np.arange(n, dtype=np.int64), np.empty(0, np.int64)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    held = order[: int(round(fraction * n))]
+    # a class whose images were all held out gets its first held-out image back
+    _, held_counts = np.unique(labels[held], return_counts=True)
+    classes, total = np.unique(labels, return_counts=True)
+    all_held = np.zeros(labels.max() + 1 if n else 0, bool)
+    held_classes = np.unique(labels[held])
+    all_held[held_classes] = held_counts == total[np.searchsorted(classes, held_classes)]
+    if all_held.any():
+        back = np.zeros(len(held), bool)
+        seen: set[int] = set()
+        for j, c in enumerate(labels[held].tolist()):
+            if all_held[c] and c not in seen:
+                seen.add(c)
+                back[j] = True
+        held = held[~back]
+    mask = np.zeros(n, bool)
+    mask[held] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)

@@ -11,7 +11,9 @@ from elsewhere cannot run code.
 
 from __future__ import annotations
 
+import os
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,3 +142,29 @@ def write_bin(path: Path | str, images, issame) -> None:
     images, issame = _check_pairs(path, list(images), list(np.asarray(issame).tolist()))
     with open(path, "wb") as f:
         pickle.dump((images, [bool(v) for v in issame]), f, protocol=4)
+
+
+def find_bin(entry: str | Path, dirs: Sequence[Path], cwd: Path | None = None) -> Path:
+    """The ``.bin`` that a ``bins`` entry names (the DataModule's ``data.bins``, evaluate.py's
+    ``bins``: one rule for both).
+
+    A name (no path separator, no ``.bin`` suffix: ``lfw``) is ``<dir>/<name>.bin`` in the first
+    of ``dirs`` that has it. A path is itself (a relative one against ``cwd``, default the
+    working directory), else ``<dir>/<path>`` for each of ``dirs``.
+
+    Raises:
+        FileNotFoundError: naming the entry and every file looked for.
+    """
+    entry = str(entry)
+    if "/" not in entry and os.sep not in entry and not entry.endswith(".bin"):
+        candidates = [Path(d) / f"{entry}.bin" for d in dirs]
+    else:
+        path = Path(entry).expanduser()
+        candidates = [path if path.is_absolute() else (cwd or Path.cwd()) / path]
+        if not path.is_absolute():
+            candidates += [Path(d) / path for d in dirs]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        looked = ", ".join(str(c) for c in candidates) or "-"
+        raise FileNotFoundError(f"verification set {entry!r} not found; looked for: {looked}")
+    return found

@@ -1,11 +1,11 @@
 """A synthetic InsightFace-layout RecordIO dataset with many classes, written fast.
 
-``train.rec`` / ``train.idx`` / ``property`` exactly as ``data/demo.py`` writes them (record 0
-= (imgnum, totnum), images grouped by identity, one range record per identity), but the
-images are drawn from a small pool of rendered demo faces (``data.demo.render_faces``), so
-10^5 classes take seconds. It measures speed and memory, not accuracy: identities share
-pixels. Each image is JPEG-encoded at ``image_size`` (the training resolution, so the loader
-only decodes).
+``train.rec`` / ``train.idx`` / ``property`` as ``data/demo.py`` writes them, with
+``data.layout.write_insightface`` (record 0 = (imgnum, totnum), images grouped by identity, one
+range record per identity), but the images are drawn from a small pool of rendered demo faces
+(``data.demo.render_faces``), so 10^5 classes take seconds. It measures speed and memory, not
+accuracy: identities share pixels. Each image is JPEG-encoded at ``image_size`` (the training
+resolution, so the loader only decodes).
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import numpy as np
 from PIL import Image
 
 from data.demo import render_faces, sample_identities
-from data.layout import write_property
-from data.recordio import IRHeader, RecordWriter, pack
+from data.layout import write_insightface, write_property
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +60,11 @@ def write_synthetic_rec(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     images = face_pool(image_size, pool, seed)
-    n_img = num_classes * images_per_class
-    imgnum, totnum = 1 + n_img, 1 + n_img + num_classes
-    with RecordWriter(out / "train.rec", out / "train.idx") as w:
-        w.write_idx(0, pack(IRHeader(2, np.array([imgnum, totnum], np.float32), 0, 0), b""))
-        key = 1
-        for c in range(num_classes):
-            for j in range(images_per_class):
-                jpeg = images[(c * 7 + j) % pool]
-                w.write_idx(key, pack(IRHeader(0, float(c), key, 0), jpeg))
-                key += 1
-        for c in range(num_classes):
-            first = 1 + c * images_per_class
-            rng_label = np.array([first, first + images_per_class], np.float32)
-            w.write_idx(imgnum + c, pack(IRHeader(2, rng_label, imgnum + c, 0), b""))
+    labels = np.repeat(np.arange(num_classes), images_per_class)
+    payloads = (
+        images[(c * 7 + j) % pool] for c in range(num_classes) for j in range(images_per_class)
+    )
+    write_insightface(out / "train.rec", out / "train.idx", labels, payloads, num_classes)
     write_property(out / "property", num_classes, (image_size, image_size))
     seconds = round(time.perf_counter() - t0, 2)
     size = (out / "train.rec").stat().st_size
