@@ -23,16 +23,10 @@ and metrics: the flat values the loggers get (`<set>/acc`, `<set>/auc`, ..., `ho
 
 from __future__ import annotations
 
-import copy
-import csv
-import importlib.util
-import json
 import logging
 import os
 import sys
 import time
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,26 +34,41 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from data.transforms import ImageDecodeError, decode_image, hflip, normalize, resize
-from data.verification import VerificationFormatError, VerificationSet, load_bin
+from data.transforms import ImageDecodeError
+from data.verification import VerificationFormatError, find_bin, is_bin_name, load_bin
 from hf_softmax.backbones import build_backbone
+from hf_softmax.evaluation.closed_set import (
+    closed_set_counts,
+    closed_set_result,
+    holdout_loader,
+    rec_loader,
+    resolve_top1_recs,
+)
+from hf_softmax.evaluation.errors import EvaluateError
+from hf_softmax.evaluation.onnx_export import check_images, export_onnx
+from hf_softmax.evaluation.pairs import save_pair_outputs, verify_set
+from hf_softmax.evaluation.reports import (
+    build_loggers,
+    closed_set_line,
+    closed_set_rows,
+    flat_metrics,
+    format_table,
+    log_to_loggers,
+    onnx_line,
+    write_tables,
+)
 from hf_softmax.heads import MarginHead
-from hf_softmax.metrics import cosine_scores, model_cost, roc_curve, verification_metrics
+from hf_softmax.metrics import model_cost
 
 log = logging.getLogger("evaluate")
 
 INSIGHTFACE_SETS = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw")
 # prefixes that DDP/FSDP/torch.compile wrappers put in front of (or inside) parameter names
 _WRAPPER_PREFIXES = ("module.", "_forward_module.")
-
-
-class EvaluateError(RuntimeError):
-    """Bad input to evaluate.py; the message names the file/key and what was expected."""
 
 
 @dataclass
@@ -190,11 +199,11 @@ def load_checkpoint(path: str | Path, model_cfg: dict[str, Any] | None = None) -
 
 
 def resolve_bins(cfg: DictConfig, train_cfg: dict[str, Any]) -> list[Path]:
-    """`bins` entries -> .bin paths.
+    """`bins` entries -> .bin paths, by the DataModule's rule (``data.verification.find_bin``).
 
-    An entry is a path (absolute or relative to the working directory) or a set name (lfw,
-    cfp_fp, ...) looked up as <dir>/<name>.bin in data.path (its parent when it is a file) and,
-    for demo data, the demo directory. Empty `bins`: data.bins, else the demo's pairs.bin.
+    An entry is a path or a set name (lfw, cfp_fp, ...) looked up as <dir>/<name>.bin in
+    data.path (its parent when it is a file) and, for demo data, the demo directory. Empty
+    `bins`: data.bins, else the demo's pairs.bin.
     """
     entries = [str(e) for e in (cfg.get("bins") or cfg.data.get("bins") or [])]
     if not entries:
@@ -204,30 +213,19 @@ def resolve_bins(cfg: DictConfig, train_cfg: dict[str, Any]) -> list[Path]:
     if data_path:
         p = Path(to_absolute_path(str(data_path)))
         dirs.append(p.parent if p.is_file() else p)
+    if (cfg.data.get("demo") or not data_path) and any(map(is_bin_name, entries)):
+        dirs.append(_demo_dir(cfg, train_cfg))
     out = []
     for entry in entries:
-        if entry.endswith(".bin") or os.sep in entry:
-            as_path = Path(to_absolute_path(entry))
-            if not as_path.is_file():
-                raise EvaluateError(f"verification set file not found: {as_path}")
-            out.append(as_path)
-            continue
-        looked = [d / f"{entry}.bin" for d in dirs]
-        found = next((p for p in looked if p.is_file()), None)
-        if found is None and (cfg.data.get("demo") or not data_path):
-            looked.append(_demo_dir(cfg, train_cfg) / f"{entry}.bin")
-            found = looked[-1] if looked[-1].is_file() else None
-        if found is None:
+        try:
+            out.append(find_bin(entry, dirs, cwd=Path(to_absolute_path("."))))
+        except FileNotFoundError as exc:
             hint = (
                 f"; InsightFace sets ({', '.join(INSIGHTFACE_SETS)}) are looked up in data.path"
                 if entry in INSIGHTFACE_SETS
                 else f"; known names: {', '.join(INSIGHTFACE_SETS)}, or give a path to a .bin"
             )
-            raise EvaluateError(
-                f"verification set {entry!r} not found; looked for: "
-                f"{', '.join(map(str, looked))}{hint}"
-            )
-        out.append(found)
+            raise EvaluateError(f"{exc}{hint}") from None
     return out
 
 
@@ -244,208 +242,8 @@ def _demo_dir(cfg: DictConfig, train_cfg: dict[str, Any]) -> Path:
     return Path(ensure_demo(**kwargs))
 
 
-def load_set(path: Path) -> VerificationSet:
-    vs = load_bin(path)
-    n, p = len(vs.images), len(vs.issame)
-    if n % 2:
-        raise EvaluateError(f"{path}: odd number of images ({n}); pairs need 2 images each")
-    if n != 2 * p:
-        raise EvaluateError(f"{path}: {n} images for {p} issame flags; expected 2 x {p} = {2 * p}")
-    if p == 0:
-        raise EvaluateError(f"{path}: no pairs")
-    return vs
-
-
-# ---------------------------------------------------------------------------------------------
-# embeddings
-
-
-def _decode_batch(
-    images: list[bytes],
-    start: int,
-    size: int,
-    source: str,
-    pool: ThreadPoolExecutor,
-    channels: int = 3,
-) -> torch.Tensor:
-    """-> (B, channels, size, size) uint8; PIL releases the GIL, so threads decode in parallel."""
-
-    def one(i: int) -> torch.Tensor:
-        where = f"{source} image {start + i}"
-        img = decode_image(images[i], where, size=(size, size), channels=channels)
-        return resize(img, (size, size))
-
-    return torch.stack(list(pool.map(one, range(len(images)))))
-
-
-@torch.no_grad()
-def embed_images(
-    backbone: nn.Module,
-    images: list[bytes],
-    input_size: int,
-    batch_size: int = 128,
-    device: torch.device | str = "cpu",
-    flip: bool = True,
-    source: str = "",
-    channels: int = 3,
-) -> np.ndarray:
-    """Encoded images -> (N, D) float32 L2-normalised embeddings (flip TTA: f(x) + f(flip(x))).
-
-    Images are decoded as RGB (channels 3) or grayscale (1), the backbone's in_channels.
-    """
-    out = []
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            batch = _decode_batch(chunk, start, input_size, source, pool, channels)
-            x = normalize(batch).to(device)
-            if flip:
-                e = backbone(torch.cat([x, hflip(x)]))
-                e = e[: len(chunk)] + e[len(chunk) :]
-            else:
-                e = backbone(x)
-            out.append(F.normalize(e.float(), dim=1).cpu())
-    return torch.cat(out).numpy()
-
-
-# ---------------------------------------------------------------------------------------------
-# outputs
-
-
-def plot_roc(scores: np.ndarray, issame: np.ndarray, metrics: dict, name: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fpr, tpr, _ = roc_curve(scores, issame)
-    n_neg = max(int((~issame).sum()), 1)
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
-    keep = fpr > 0  # log axis: FAR 0 is off the chart
-    ax.plot(fpr[keep], tpr[keep], lw=1.5, label=f"AUC {metrics['auc']:.4f}")
-    for key, value in metrics.items():
-        if key.startswith("tar@far="):
-            far = float(key.split("=", 1)[1])
-            ax.scatter(
-                [max(far, 1 / n_neg)],
-                [value],
-                s=18,
-                zorder=3,
-                label=f"TAR@FAR={far:g}: {value:.4f}",
-            )
-    ax.set_xscale("log")
-    ax.set_xlim(min(1e-4, 1 / n_neg), 1.0)
-    ax.set_ylim(0.0, 1.01)
-    ax.set_xlabel("false accept rate")
-    ax.set_ylabel("true accept rate")
-    ax.set_title(f"{name}: acc {100 * metrics['acc']:.2f} ± {100 * metrics['acc_std']:.2f} %")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """rows of verification results -> aligned text table."""
-    columns = ["set", "pairs", "acc %", "± std", "threshold"]
-    tar_keys = [k for k in rows[0] if k.startswith("tar@far=")] if rows else []
-    columns += [k.replace("tar@far=", "TAR@") for k in tar_keys] + ["AUC", "sec"]
-    lines = []
-    for r in rows:
-        lines.append(
-            [r["set"], str(r["pairs"]), f"{100 * r['acc']:.2f}", f"{100 * r['acc_std']:.2f}"]
-            + [f"{r['threshold']:.4f}"]
-            + [f"{r[k]:.4f}" for k in tar_keys]
-            + [f"{r['auc']:.4f}", f"{r['seconds']:.1f}"]
-        )
-    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(columns)]
-    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt.format(*columns), sep, *(fmt.format(*line) for line in lines)])
-
-
-def closed_set_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """Closed-set results of the summary (holdout, then top1_rec files) as table rows."""
-    results = {"holdout": summary["top1"]} if "top1" in summary else {}
-    results.update(summary.get("closed_set", {}))
-    keys = ("top1", f"top{TOPK}", "images", "classes", "seconds")
-    return [{"set": name, **{k: r[k] for k in keys if k in r}} for name, r in results.items()]
-
-
-def flat_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Table rows -> {"<set>/<column>": value} (``pairs/acc``, ``test/top1``, ``test/top5``)."""
-    return {f"{r['set']}/{k}": v for r in rows for k, v in r.items() if k != "set"}
-
-
-def write_tables(rows: list[dict[str, Any]], summary: dict[str, Any], out_dir: Path) -> None:
-    """metrics.csv: one row per set (verification columns, then closed-set ones; cells of the
-    other kind empty); metrics.json: the summary."""
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out_dir / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(out_dir / "metrics.json", "w") as f:
-        json.dump(summary, f, indent=2)
-
-
-# ---------------------------------------------------------------------------------------------
-# ONNX
-
-
-def export_onnx(
-    backbone: nn.Module, input_size: int, path: Path, opset: int, check_images: torch.Tensor
-) -> dict[str, Any]:
-    """Write the backbone as ONNX (dynamic batch axis "batch") and compare with torch.
-
-    check_images: (B, C, S, S) float32 normalised (C = the backbone's in_channels), B != 2
-    (the export batch) to exercise the dynamic axis. Returns {"path", "checked", "max_abs_diff"}.
-    """
-    if importlib.util.find_spec("onnx") is None:
-        raise EvaluateError(
-            "export.onnx=true needs the onnx package: pip install -e '.[onnx]' (onnx, onnxruntime)"
-        )
-    model = copy.deepcopy(backbone).cpu().eval()
-    dummy = torch.zeros(2, check_images.shape[1], input_size, input_size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # legacy-exporter deprecation, tracer notes
-        torch.onnx.export(
-            model,
-            (dummy,),
-            str(path),
-            input_names=["images"],
-            output_names=["embeddings"],
-            dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
-            opset_version=opset,
-            dynamo=False,  # the TorchScript exporter needs no onnxscript
-        )
-    result: dict[str, Any] = {"path": str(path), "checked": False, "max_abs_diff": None}
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        log.warning("onnxruntime is not installed: skipping the ONNX vs torch check")
-        return result
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"images": check_images.numpy()})[0]
-    with torch.no_grad():
-        want = model(check_images).numpy()
-    diff = float(np.abs(got - want).max())
-    scale = float(np.abs(want).max()) or 1.0
-    result.update(checked=True, max_abs_diff=diff)
-    if got.shape != want.shape or diff > 1e-3 * scale:
-        raise EvaluateError(
-            f"{path}: ONNX embeddings differ from torch: shape {got.shape} vs {want.shape}, "
-            f"max abs diff {diff:.3g} (tolerance {1e-3 * scale:.3g})"
-        )
-    log.info("ONNX check passed: %s, batch %d, max abs diff %.2e", path, len(got), diff)
-    return result
-
-
 # ---------------------------------------------------------------------------------------------
 # closed-set top-1 / top-5
-
-TOPK = 5  # closed-set top-k reported next to top-1
 
 
 def classifier_rows(loaded: LoadedCheckpoint) -> tuple[torch.Tensor, MarginHead]:
@@ -463,199 +261,6 @@ def classifier_rows(loaded: LoadedCheckpoint) -> tuple[torch.Tensor, MarginHead]
     head_cfg = dict(loaded.train_cfg.get("head") or {"name": "linear"})
     head = build_head(**{k: v for k, v in head_cfg.items() if not str(k).startswith("_")})
     return state[wkey], head
-
-
-@torch.no_grad()
-def closed_set_counts(
-    backbone: nn.Module,
-    loader: Any,
-    weight: torch.Tensor,
-    head: MarginHead,
-    flip: bool,
-    chunk_size: int,
-    device: torch.device,
-) -> np.ndarray:
-    """Per-class counts of the argmax over all N rows: (N, 3) int64 = images, top-1 correct,
-    top-k correct (k = TOPK), for a loader of ``(images (B,C,H,W), labels (B,) in 0..N-1)``.
-
-    Rows are scored ``chunk_size`` at a time with the head's plain logits (``rows.topk_rows``);
-    with ``flip`` the features are f(x) + f(flip x).
-    """
-    from hf_softmax.rows import topk_rows
-
-    counts = np.zeros((weight.shape[0], 3), np.int64)
-    for images, labels in loader:
-        x = images.to(device)
-        if flip:
-            f = backbone(torch.cat([x, hflip(x)]))
-            f = f[: len(x)] + f[len(x) :]
-        else:
-            f = backbone(x)
-        _, ids = topk_rows(f.float(), weight, head, TOPK, chunk_size)  # (B, k) best first
-        hits = (ids.cpu() == labels[:, None]).numpy()  # (B, k)
-        y = labels.numpy()
-        np.add.at(counts[:, 0], y, 1)
-        np.add.at(counts[:, 1], y, hits[:, 0])
-        np.add.at(counts[:, 2], y, hits.any(axis=1))
-    return counts
-
-
-def closed_set_result(counts: np.ndarray, name: str, out_dir: Path) -> dict[str, Any]:
-    """counts (N, 3) -> {"top1", "top5", "images", "classes", "per_class"}; writes
-    ``per_class_<name>.csv`` (class, images, top1_correct, top5_correct; classes with images)."""
-    path = out_dir / f"per_class_{name}.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["class", "images", "top1_correct", f"top{TOPK}_correct"])
-        for c in np.flatnonzero(counts[:, 0]):
-            writer.writerow([int(c), *map(int, counts[c])])
-    total = int(counts[:, 0].sum())
-    return {
-        "top1": int(counts[:, 1].sum()) / max(total, 1),
-        f"top{TOPK}": int(counts[:, 2].sum()) / max(total, 1),
-        "images": total,
-        "classes": int(counts.shape[0]),
-        "per_class": str(path),
-    }
-
-
-@torch.no_grad()
-def closed_set_top1(
-    loaded: LoadedCheckpoint, cfg: DictConfig, device: torch.device, flip: bool, out_dir: Path
-) -> dict[str, Any]:
-    """Top-1 / top-5 over all N classifier rows on held-out images of the training classes.
-
-    The held-out split is training's (same data.val_fraction and seed); writes
-    ``per_class_holdout.csv``.
-    """
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    train_data = loaded.train_cfg.get("data") or {}
-    if not data_cfg.get("val_fraction"):
-        # the split that training held out: same fraction and seed give the same images
-        data_cfg["val_fraction"] = train_data.get("val_fraction") or 0.0
-        data_cfg["seed"] = train_data.get("seed", data_cfg.get("seed", 0))
-    if not data_cfg["val_fraction"]:
-        raise EvaluateError(
-            "closed-set top-1 needs held-out images: the checkpoint was trained with "
-            "data.val_fraction=0; pass data.val_fraction=<f> (those images were seen in training)"
-        )
-    weight, head = classifier_rows(loaded)
-    data_cfg["image_size"] = int(loaded.model_cfg["input_size"])
-    data_cfg["channels"] = int(loaded.model_cfg.get("in_channels", 3))
-    data_cfg["bins"] = []
-    dm = hydra.utils.instantiate(data_cfg)
-    dm.setup("validate")
-    if dm.holdout_dataset is None:
-        raise EvaluateError(f"{dm.rec_path}: no held-out images (data.val_fraction too small?)")
-    loader = dm.val_dataloader()[dm.val_names.index("holdout")]
-    chunk = int(cfg.get("top1_chunk_size", 65536))
-    counts = closed_set_counts(loaded.backbone, loader, weight, head, flip, chunk, device)
-    return closed_set_result(counts, "holdout", out_dir)
-
-
-def resolve_top1_recs(value: Any) -> list[Path]:
-    """``top1_rec``: a .rec path, a directory holding ``test.rec``, or a list of them."""
-    value = _plain(value)  # a ListConfig from the command line
-    entries = value if isinstance(value, list | tuple) else [value]
-    out = []
-    for entry in entries:
-        p = Path(to_absolute_path(str(entry)))
-        rec = p / "test.rec" if p.is_dir() else p
-        if not rec.is_file():
-            raise EvaluateError(
-                f"top1_rec={entry}: no RecordIO file at {rec} (expected a .rec with its .idx, "
-                "or a directory with test.rec)"
-            )
-        out.append(rec)
-    return out
-
-
-@torch.no_grad()
-def closed_set_rec(
-    loaded: LoadedCheckpoint,
-    rec: Path,
-    name: str,
-    cfg: DictConfig,
-    device: torch.device,
-    flip: bool,
-    out_dir: Path,
-) -> dict[str, Any]:
-    """Top-1 / top-5 over all N classifier rows on every image of a labelled .rec (InsightFace
-    or plain layout) whose labels are training class ids; writes ``per_class_<name>.csv``."""
-    from torch.utils.data import DataLoader
-
-    from data.datamodule import RecordImageDataset, collate_images
-    from data.layout import read_layout
-    from data.recordio import RecordReader
-
-    weight, head = classifier_rows(loaded)
-    n = int(weight.shape[0])
-    reader = RecordReader(rec)
-    layout = read_layout(reader)
-    bad = np.flatnonzero((layout.labels < 0) | (layout.labels >= n))
-    if len(bad):
-        i = int(bad[0])
-        raise EvaluateError(
-            f"{rec}: record key {int(layout.image_keys[i])} has label {int(layout.labels[i])}, "
-            f"expected 0..{n - 1} (top1_rec must share the training label space: the checkpoint "
-            f"has N = {n} classifier rows); {len(bad)} of {len(layout)} images out of range"
-        )
-    size = int(loaded.model_cfg["input_size"])
-    dataset = RecordImageDataset(
-        reader,
-        layout.image_keys,
-        layout.labels,
-        (size, size),
-        channels=int(loaded.model_cfg.get("in_channels", 3)),
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=int(cfg.batch_size),
-        num_workers=int(cfg.data.get("num_workers", 0) or 0),
-        collate_fn=collate_images,
-    )
-    chunk = int(cfg.get("top1_chunk_size", 65536))
-    counts = closed_set_counts(loaded.backbone, loader, weight, head, flip, chunk, device)
-    return {"path": str(rec), **closed_set_result(counts, name, out_dir)}
-
-
-# ---------------------------------------------------------------------------------------------
-# loggers
-
-
-def build_loggers(cfg: DictConfig) -> list:
-    """Instantiate the `logger` group: one `_target_` node or a dict of them (none -> [])."""
-    node = cfg.get("logger")
-    if not node:
-        return []
-    items = [node] if "_target_" in node else [v for v in node.values() if v and "_target_" in v]
-    return [hydra.utils.instantiate(item) for item in items]
-
-
-def log_to_loggers(
-    loggers: list, rows: list[dict[str, Any]], summary: dict[str, Any], out_dir: Path
-) -> None:
-    from pytorch_lightning.loggers import WandbLogger
-
-    flat = dict(summary["metrics"])
-    flat.update({f"model/{k}": v for k, v in summary["model"].items() if isinstance(v, int)})
-    for logger in loggers:
-        logger.log_metrics(flat)
-        if isinstance(logger, WandbLogger) and rows:
-            columns = list(rows[0])
-            logger.log_table(
-                key="verification", columns=columns, data=[list(r.values()) for r in rows]
-            )
-            for r in rows:
-                png = out_dir / f"roc_{r['set']}.png"
-                if png.is_file():
-                    logger.log_image(key=f"roc/{r['set']}", images=[str(png)])
-        logger.save()
-        logger.finalize("success")
-    if any(isinstance(lg, WandbLogger) for lg in loggers):
-        import wandb
-
-        wandb.finish()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -704,80 +309,61 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     rows = []
     first_images: list[bytes] = []
     for path in resolve_bins(cfg, loaded.train_cfg):
-        vs = load_set(path)
+        vs = load_bin(path)  # checks the pair list (VerificationFormatError)
         if vs.name in summary["sets"]:  # two files with the same stem
             vs.name = f"{vs.name}_{len(rows)}"
         t0 = time.perf_counter()
-        emb = embed_images(
-            backbone, vs.images, size, int(cfg.batch_size), device, flip, str(path), channels
-        )  # (2P, D), pairs are rows (2i, 2i+1)
-        metrics = verification_metrics(
-            emb[0::2], emb[1::2], vs.issame, int(cfg.nfolds), tuple(map(float, cfg.fars))
-        )
+        metrics, emb = verify_set(
+            backbone, vs, size, int(cfg.batch_size), device, flip, channels, int(cfg.nfolds),
+            tuple(map(float, cfg.fars)),
+        )  # fmt: skip
         seconds = time.perf_counter() - t0
-        row = {"set": vs.name, "pairs": len(vs.issame), **metrics, "seconds": seconds}
-        rows.append(row)
+        rows.append({"set": vs.name, "pairs": len(vs.issame), **metrics, "seconds": seconds})
         summary["sets"][vs.name] = {"path": str(path), **metrics, "seconds": seconds}
-        if cfg.save_features:
-            (out_dir / "features").mkdir(exist_ok=True)
-            np.save(out_dir / "features" / f"{vs.name}.npy", emb.astype(np.float32))
-            np.save(out_dir / "features" / f"{vs.name}_issame.npy", vs.issame)
-        if cfg.plots:
-            scores = cosine_scores(emb[0::2], emb[1::2])
-            plot_roc(scores, vs.issame, metrics, vs.name, out_dir / f"roc_{vs.name}.png")
+        save_pair_outputs(out_dir, vs, emb, metrics, cfg.save_features, cfg.plots)
         first_images = first_images or vs.images[:3]
         log.info("%s: %d pairs in %.1f s", vs.name, len(vs.issame), seconds)
 
+    train_data = loaded.train_cfg.get("data") or {}
     top1 = cfg.top1
     if top1 == "auto":  # data=rec with a held-out split (this run's or the checkpoint's)
-        split = cfg.data.get("val_fraction") or (loaded.train_cfg.get("data") or {}).get(
-            "val_fraction"
-        )
+        split = cfg.data.get("val_fraction") or train_data.get("val_fraction")
         top1 = not cfg.data.get("demo", False) and bool(split)
-    if top1:
-        t0 = time.perf_counter()
-        summary["top1"] = closed_set_top1(loaded, cfg, device, flip, out_dir)
-        summary["top1"]["seconds"] = time.perf_counter() - t0
-    for rec in top1_recs:
-        name = rec.stem
-        taken = {*summary["sets"], *summary.get("closed_set", {}), "holdout"}
-        if name in taken:  # e.g. two test.rec in different directories
-            name = f"{name}_{len(taken)}"
-        t0 = time.perf_counter()
-        result = closed_set_rec(loaded, rec, name, cfg, device, flip, out_dir)
-        result["seconds"] = time.perf_counter() - t0
-        summary.setdefault("closed_set", {})[name] = result
+    if top1 or top1_recs:
+        weight, head = classifier_rows(loaded)
+        chunk = int(cfg.get("top1_chunk_size", 65536))
+
+        def score(loader: Any, name: str) -> dict[str, Any]:
+            t0 = time.perf_counter()
+            counts = closed_set_counts(backbone, loader, weight, head, flip, chunk, device)
+            return {**closed_set_result(counts, name, out_dir), "seconds": time.perf_counter() - t0}
+
+        if top1:  # training's held-out split: same data.val_fraction and seed
+            summary["top1"] = score(holdout_loader(cfg.data, train_data, size, channels), "holdout")
+        workers = int(cfg.data.get("num_workers", 0) or 0)
+        for rec in top1_recs:
+            name = rec.stem
+            taken = {*summary["sets"], *summary.get("closed_set", {}), "holdout"}
+            if name in taken:  # e.g. two test.rec in different directories
+                name = f"{name}_{len(taken)}"
+            loader = rec_loader(rec, len(weight), size, channels, int(cfg.batch_size), workers)
+            summary.setdefault("closed_set", {})[name] = {"path": str(rec), **score(loader, name)}
 
     closed = closed_set_rows(summary)
     summary["metrics"] = flat_metrics(rows + closed)
     if rows:
         print(format_table(rows))
     for r in closed:
-        print(
-            f"closed-set ({r['set']}): top-1 {100 * r['top1']:.2f} %, top-{TOPK} "
-            f"{100 * r[f'top{TOPK}']:.2f} % ({r['images']} images, {r['classes']} classes)"
-        )
+        print(closed_set_line(r))
     if cfg.export.onnx:
         onnx_path = (
             Path(to_absolute_path(str(cfg.export.path)))
             if cfg.export.path
             else (out_dir / f"{loaded.model_cfg['name']}.onnx")
         )
-        if first_images:
-            with ThreadPoolExecutor(max_workers=2) as pool:
-                batch = _decode_batch(first_images, 0, size, "onnx check", pool, channels)
-                check = normalize(batch)
-        else:
-            check = torch.randn(3, channels, size, size)
+        check = check_images(first_images, size, channels)
         summary["onnx"] = export_onnx(backbone, size, onnx_path, int(cfg.export.opset), check)
-        print(
-            f"ONNX: {onnx_path}"
-            + (
-                f" (checked against torch: max abs diff {summary['onnx']['max_abs_diff']:.2e})"
-                if summary["onnx"]["checked"]
-                else " (onnxruntime missing: not checked)"
-            )
-        )
+        print(onnx_line(summary["onnx"]))
     write_tables(rows + closed, summary, out_dir)
     loggers = build_loggers(cfg)
     if loggers:

@@ -90,7 +90,7 @@ def decode_image(
             f"{where}: decoded to array of shape {arr.shape}, expected (H, W, {channels}) {mode}"
         )
     # (H, W, C) -> (C, H, W); copy so the tensor owns contiguous memory.
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
 
 def resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -144,6 +144,12 @@ def write_bin(path: Path | str, images, issame) -> None:
         pickle.dump((images, [bool(v) for v in issame]), f, protocol=4)
 
 
+def is_bin_name(entry: str | Path) -> bool:
+    """True for a set name (``lfw``), False for a path (a separator or a ``.bin`` suffix)."""
+    entry = str(entry)
+    return "/" not in entry and os.sep not in entry and not entry.endswith(".bin")
+
+
 def find_bin(entry: str | Path, dirs: Sequence[Path], cwd: Path | None = None) -> Path:
     """The ``.bin`` that a ``bins`` entry names (the DataModule's ``data.bins``, evaluate.py's
     ``bins``: one rule for both).
@@ -156,7 +162,7 @@ def find_bin(entry: str | Path, dirs: Sequence[Path], cwd: Path | None = None) -
         FileNotFoundError: naming the entry and every file looked for.
     """
     entry = str(entry)
-    if "/" not in entry and os.sep not in entry and not entry.endswith(".bin"):
+    if is_bin_name(entry):
         candidates = [Path(d) / f"{entry}.bin" for d in dirs]
     else:
         path = Path(entry).expanduser()

@@ -42,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hf_softmax.backbones import build_backbone
 from hf_softmax.classifier import SampledClassifier
+from hf_softmax.evaluation.embed import flip_embed
 from hf_softmax.heads import build_head
 from hf_softmax.metrics import verification_metrics
 from hf_softmax.rows import topk_rows
@@ -371,9 +372,7 @@ class HFSoftmaxModule(pl.LightningModule):
             acc[1] += int(hits.any(dim=1).sum())
             acc[2] += int(second.numel())
             return
-        emb = self.backbone(images)  # (B, D); second: image index in the .bin (B,)
-        if self.val_flip:
-            emb = emb + self.backbone(torch.flip(images, dims=[3]))
+        emb = flip_embed(self.backbone, images, self.val_flip)  # (B, D); second: .bin index (B,)
         store = self._val.setdefault(name, ([], []))
         store[0].append(second.detach().to("cpu", torch.int64))
         store[1].append(emb.detach().float().cpu())
