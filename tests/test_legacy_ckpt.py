@@ -72,8 +72,13 @@ def test_legacy_checkpoint_evaluates_as_before(name, demo_root, tmp_path):
     pairs = demo_dir(demo_root, **EXPECTED["demo_kwargs"]) / "pairs.bin"
     cfg = _compose(
         "evaluate",
-        [f"ckpt={LEGACY / name}", f"bins=[{pairs}]", "logger=none", "plots=false",
-         f"out_dir={tmp_path}"],  # fmt: skip
+        [
+            f"ckpt={LEGACY / name}",
+            f"bins=[{pairs}]",
+            "logger=none",
+            "plots=false",
+            f"out_dir={tmp_path}",
+        ],  # fmt: skip
         tmp_path,
     )
     summary = ev.evaluate(cfg)
@@ -108,8 +113,13 @@ def test_legacy_auto_checkpoint_resumes_in_train(demo_root, tmp_path):
     demo = [f"++data.demo_kwargs.{k}={v}" for k, v in EXPECTED["demo_kwargs"].items()]
     cfg = _compose(
         "train",
-        [*overrides, *demo, f"++data.demo_kwargs.root={demo_root}", "trainer.max_epochs=2",
-         f"ckpt_path={ckpt}"],  # fmt: skip
+        [
+            *overrides,
+            *demo,
+            f"++data.demo_kwargs.root={demo_root}",
+            "trainer.max_epochs=2",
+            f"ckpt_path={ckpt}",
+        ],  # fmt: skip
         tmp_path / "run",
     )
     value = train.train(cfg)
