@@ -89,7 +89,8 @@ class HFSoftmaxModule(pl.LightningModule):
     backbone: images (B, C, H, W) -> features (B, D). classifier: a ``SampledClassifier`` or
     ``ShardedClassifier`` over N rows (``hf_softmax.build.build_classifier``).
     optimizer: a partial called with the trainable parameters (``conf/optim``); scheduler: a
-    partial called with (optimizer, estimated_steps, steps_per_epoch) (``conf/scheduler``).
+    partial called with (optimizer, estimated_steps, steps_per_epoch) (``conf/scheduler``;
+    estimated_steps is a callable: asking the trainer sets up the train loader).
     config: the resolved train config, saved as ``hyper_parameters["cfg"]`` with
     ``num_classes`` so that ``evaluate.py`` and ``build.module_from_checkpoint`` rebuild it.
     """
@@ -152,14 +153,17 @@ class HFSoftmaxModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
         opt = self.optimizer_factory(params)
-        estimated = int(self.trainer.estimated_stepping_batches)
-        per_epoch = self.trainer.num_training_batches
-        if not per_epoch or per_epoch == float("inf"):
-            epochs = max(1, int(self.trainer.max_epochs or 1))
-            per_epoch = max(1, estimated // epochs)
-        sched = self.scheduler_factory(
-            opt, estimated_steps=estimated, steps_per_epoch=int(per_epoch)
-        )
+
+        def estimated() -> int:  # sets up the train loader: only asked for when needed
+            return int(self.trainer.estimated_stepping_batches)
+
+        def per_epoch(total: int) -> int:
+            batches = self.trainer.num_training_batches
+            if not batches or batches == float("inf"):  # loader not set up yet
+                return max(1, total // max(1, int(self.trainer.max_epochs or 1)))
+            return int(batches)
+
+        sched = self.scheduler_factory(opt, estimated_steps=estimated, steps_per_epoch=per_epoch)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _sampler_state(self) -> str:

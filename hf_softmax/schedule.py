@@ -9,6 +9,7 @@ optimizer's first group each step, so they follow the same schedule.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -47,8 +48,8 @@ class WarmupSchedule:
 
 def warmup_scheduler(
     optimizer: torch.optim.Optimizer,
-    estimated_steps: int,
-    steps_per_epoch: int,
+    estimated_steps: int | Callable[[], int],
+    steps_per_epoch: int | Callable[[int], int],
     schedule: str = "cosine",
     warmup_steps: int = 0,
     warmup_start_factor: float = 0.01,
@@ -59,14 +60,21 @@ def warmup_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` over ``WarmupSchedule``, stepped once per optimizer step.
 
-    estimated_steps: the run's length (``trainer.estimated_stepping_batches``), used unless
-    ``total_steps`` is set; steps_per_epoch: converts ``milestones`` (epochs) into steps.
+    estimated_steps: the run's length (``trainer.estimated_stepping_batches``), or a callable
+    returning it, used (called) only when ``total_steps`` is not set: asking a trainer for it
+    sets up the train loader, which would lose a mid-epoch resume position.
+    steps_per_epoch: converts ``milestones`` (epochs) into steps; or a callable given the
+    schedule's total steps (for a loader not set up yet: total / epochs).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"scheduler.schedule must be one of {SCHEDULES}, got {schedule!r}")
-    per_epoch = max(1, int(steps_per_epoch))
+    if not total_steps:
+        total_steps = estimated_steps() if callable(estimated_steps) else estimated_steps
+    total_steps = int(total_steps)
+    per_epoch = steps_per_epoch(total_steps) if callable(steps_per_epoch) else steps_per_epoch
+    per_epoch = max(1, int(per_epoch))
     lam = WarmupSchedule(
-        total_steps=int(total_steps or estimated_steps),
+        total_steps=int(total_steps),
         warmup_steps=int(warmup_steps or 0),
         warmup_start_factor=float(warmup_start_factor),
         schedule=str(schedule),
