@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import hydra  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from hf_softmax.config_keys import MovedKeyError, check_overrides  # noqa: E402
 from hf_softmax.sweep import FINAL_METRICS_FILE  # noqa: E402
 
 log = logging.getLogger("train")
@@ -120,8 +122,10 @@ def format_final(final: dict[str, Any], path: Path) -> str:
 
 
 def _check_trainer_cfg(cfg: DictConfig) -> None:
+    from hf_softmax.samplers import sampler_class
+
     precision = str(cfg.trainer.get("precision", "32-true"))
-    if precision in ("16", "16-mixed") and cfg.sampler.name != "full":
+    if precision in ("16", "16-mixed") and not sampler_class(cfg.sampler).dense:
         raise ValueError(
             f"trainer.precision={precision} scales the loss, and the scaled gradients would reach "
             "the sparse classifier update; use bf16-mixed or 32-true"
@@ -129,11 +133,17 @@ def _check_trainer_cfg(cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig) -> float:
-    """Build data, module, callbacks, loggers and trainer from ``cfg``; fit; return the metric."""
-    from hf_softmax.module import HFSoftmaxModule, check_config
+    """Build data, module, callbacks, loggers and trainer from ``cfg``; fit; return the metric.
+
+    Construction: ``instantiate(cfg.data)`` -> N; ``build_module(cfg, N)`` instantiates the
+    backbone, head, sampler partial, optimizer and scheduler partials from their groups and
+    the classifier (``hf_softmax.build``); callbacks, loggers and the trainer from theirs.
+    """
+    from hf_softmax.build import build_module
+    from hf_softmax.config_check import check_config
 
     t_start = time.perf_counter()
-    check_config(cfg)  # names, interval, schedule: before any work
+    check_config(cfg)  # moved keys, names, knobs, interval, schedule: before any work
     _check_trainer_cfg(cfg)
     pl.seed_everything(int(cfg.seed), workers=True)
     if cfg.get("torch_threads"):
@@ -147,7 +157,7 @@ def train(cfg: DictConfig) -> float:
     check_config(cfg, num_classes)
     log.info("data ready (%d classes) after %.1fs", num_classes, time.perf_counter() - t_start)
 
-    module = HFSoftmaxModule(cfg, num_classes)
+    module = build_module(cfg, num_classes)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar then
         from pytorch_lightning.callbacks.progress import ProgressBar
@@ -167,7 +177,7 @@ def train(cfg: DictConfig) -> float:
 
     ckpt_cb = trainer.checkpoint_callback
     last = getattr(ckpt_cb, "last_model_path", "")
-    if last and getattr(ckpt_cb, "_last_global_step_saved", None) != trainer.global_step:
+    if last and module.last_saved_step != trainer.global_step:
         # Step checkpoints (every_n_train_steps) can end before the last step: the final
         # state goes to last.ckpt too (all ranks call it: the sharded state dict gathers).
         trainer.save_checkpoint(last)
@@ -209,4 +219,9 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    try:  # Hydra rejects a moved key without saying where it went: say it first
+        check_overrides(sys.argv[1:])
+    except MovedKeyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
     main()

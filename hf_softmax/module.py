@@ -1,4 +1,4 @@
-"""HFSoftmaxModule: backbone + sampled classifier as a LightningModule, built from the Hydra cfg.
+"""HFSoftmaxModule: backbone + sampled classifier as a LightningModule, built objects in.
 
 One training step (manual optimization, so the sparse classifier follows the same LR):
 
@@ -28,30 +28,23 @@ sampler's RNG/counters and the full resolved cfg (``hyper_parameters["cfg"]``) s
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-from hf_softmax.backbones import build_backbone
-from hf_softmax.classifier import SampledClassifier
 from hf_softmax.evaluation.embed import flip_embed
-from hf_softmax.heads import build_head
 from hf_softmax.metrics import verification_metrics
 from hf_softmax.rows import topk_rows
-from hf_softmax.samplers import SAMPLERS, build_sampler
-from hf_softmax.sharded import ShardedClassifier, use_sharded  # H7 (DDP)
+from hf_softmax.sharded import ShardedClassifier
 
 log = logging.getLogger(__name__)
-
-SCHEDULES = ("cosine", "step", "constant")
 
 
 def seed_epoch(seed: int, epoch: int) -> None:
@@ -91,123 +84,53 @@ def resolve_cfg(cfg: Mapping | DictConfig) -> dict[str, Any]:
     return out
 
 
-def check_config(cfg: Mapping | DictConfig, num_classes: int | None = None) -> None:
-    """Clear errors for bad configurations before any work starts.
-
-    Without ``num_classes`` (before the data is prepared) only the static checks run.
-    """
-    sampler = cfg["sampler"]
-    name = sampler.get("name")
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r} (sampler=...); valid names: {sorted(SAMPLERS)}")
-    from hf_softmax.backbones import BACKBONES
-
-    backbone = cfg["model"].get("name")
-    if backbone not in BACKBONES:
-        raise ValueError(
-            f"unknown backbone {backbone!r} (model=...); valid names: {sorted(BACKBONES)}"
-        )
-    interval = sampler.get("interval", 1)
-    if interval is None or int(interval) < 1:
-        raise ValueError(f"sampler.interval must be >= 1 (steps between rebuilds), got {interval}")
-    num = sampler.get("num")
-    if num is None or int(num) < 1:
-        raise ValueError(f"sampler.num (M, active classes per step) must be >= 1, got {num}")
-    schedule = cfg["optim"].get("schedule", "cosine")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if num_classes is not None and not SAMPLERS[name].dense and int(num) > num_classes:
-        raise ValueError(
-            f"sampler.num = {num} exceeds the number of classes N = {num_classes} of the data "
-            f"(data.path / data.demo_kwargs); choose sampler.num <= {num_classes}"
-        )
-    batch = (cfg.get("data") or {}).get("batch_size")
-    if num_classes is not None and not SAMPLERS[name].dense and batch:
-        need = min(int(batch), num_classes)
-        if int(num) < need:
-            raise ValueError(
-                f"sampler.num = {num} is smaller than data.batch_size = {batch}: a batch can hold "
-                f"{need} distinct classes and all of them must be active; choose sampler.num "
-                f">= {need}"
-            )
-
-
-@dataclass
-class WarmupSchedule:
-    """Multiplicative LR factor per optimizer step: linear warmup, then cosine/step/constant.
-
-    Picklable (LambdaLR saves its __dict__ in the checkpoint).
-    """
-
-    total_steps: int
-    warmup_steps: int = 0
-    warmup_start_factor: float = 0.01
-    schedule: str = "cosine"
-    milestones: list[int] = field(default_factory=list)  # in steps
-    gamma: float = 0.1
-    min_lr_factor: float = 0.0
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            s = self.warmup_start_factor
-            return s + (1.0 - s) * step / self.warmup_steps
-        if self.schedule == "cosine":
-            span = max(1, self.total_steps - self.warmup_steps)
-            t = min(1.0, (step - self.warmup_steps) / span)
-            return self.min_lr_factor + (1 - self.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * t))
-        if self.schedule == "step":
-            return self.gamma ** sum(step >= m for m in self.milestones)
-        return 1.0
-
-
 class HFSoftmaxModule(pl.LightningModule):
-    """cfg: the full train config (model, head, sampler, optim, classifier, validation, seed).
+    """Backbone + classifier trained with manual optimisation; built objects in.
 
-    num_classes: N, from the DataModule after ``prepare_data()``.
+    backbone: images (B, C, H, W) -> features (B, D). classifier: a ``SampledClassifier`` or
+    ``ShardedClassifier`` over N rows (``hf_softmax.build.build_classifier``).
+    optimizer: a partial called with the trainable parameters (``conf/optim``); scheduler: a
+    partial called with (optimizer, estimated_steps, steps_per_epoch) (``conf/scheduler``;
+    estimated_steps is a callable: asking the trainer sets up the train loader).
+    config: the resolved train config, saved as ``hyper_parameters["cfg"]`` with
+    ``num_classes`` so that ``evaluate.py`` and ``build.module_from_checkpoint`` rebuild it.
     """
 
-    def __init__(self, cfg: Mapping | DictConfig, num_classes: int) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        classifier: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler],
+        *,
+        seed: int = 0,
+        grad_clip: float | None = None,
+        skip_nonfinite: bool = False,
+        val_flip: bool = True,
+        val_nfolds: int = 10,
+        acc_full_every: int = 0,
+        predict_chunk: int = 65536,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        cfg = resolve_cfg(cfg)
-        check_config(cfg, num_classes)
-        self.save_hyperparameters({"cfg": cfg, "num_classes": int(num_classes)})
-        self.cfg = cfg
-        self.num_classes = int(num_classes)
-        seed = self.seed = int(cfg.get("seed", 0) or 0)
-        model_cfg = dict(cfg["model"])
-        self.backbone = build_backbone(**model_cfg)
-        head_cfg = dict(cfg["head"])
-        head = build_head(head_cfg.pop("name"), **head_cfg)
-        optim, ccfg = cfg["optim"], cfg.get("classifier", {}) or {}
-        classifier_kw = dict(
-            num_classes=self.num_classes,
-            embedding_dim=int(model_cfg["embedding_dim"]),
-            head=head,
-            momentum=float(optim["momentum"]),
-            weight_decay=float(optim["weight_decay"]),
-            offload=bool(ccfg.get("offload", False)),
-            init_std=float(ccfg.get("init_std", 0.01)),
-            seed=seed,
-        )
-        # H7 (DDP): under a DDP strategy the classifier is split by class over the ranks
-        # (hf_softmax/sharded.py); its shard and per-shard sampler are built on first use.
-        self.sharded = use_sharded(cfg)
-        if self.sharded:
-            self.classifier = ShardedClassifier(
-                num=int(cfg["sampler"]["num"]), sampler=cfg["sampler"], **classifier_kw
-            )
-        else:
-            sampler = build_sampler(cfg["sampler"], self.num_classes, head.metric, seed)
-            self.classifier = SampledClassifier(sampler=sampler, **classifier_kw)
-        self.skip_nonfinite = bool(cfg.get("skip_nonfinite", False))
+        self.num_classes = int(classifier.num_classes)
+        if config is not None:
+            self.save_hyperparameters({"cfg": resolve_cfg(config), "num_classes": self.num_classes})
+        self.seed = int(seed)
+        self.backbone = backbone
+        self.classifier = classifier
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.sharded = isinstance(classifier, ShardedClassifier)
+        self.grad_clip = None if grad_clip is None else float(grad_clip)
+        self.skip_nonfinite = bool(skip_nonfinite)
         self.nonfinite_skipped = 0
-        vcfg = cfg.get("validation", {}) or {}
-        flip = vcfg.get("flip")  # null: follow the training data (no flips: no flip TTA)
-        self.val_flip = bool((cfg.get("data") or {}).get("flip", True) if flip is None else flip)
-        self.acc_full_every = int(vcfg.get("acc_full_every", 0) or 0)
-        self.val_nfolds = int(vcfg.get("nfolds", 10))
-        self.predict_chunk = int(ccfg.get("predict_chunk", 65536))
+        self.last_saved_step: int | None = None  # global step of the newest checkpoint written
+        self.val_flip = bool(val_flip)
+        self.acc_full_every = int(acc_full_every)
+        self.val_nfolds = int(val_nfolds)
+        self.predict_chunk = int(predict_chunk)
         self._last_step_time: float | None = None
         self._first_epoch_of_fit = False
         self._val: dict[str, Any] = {}
@@ -229,29 +152,19 @@ class HFSoftmaxModule(pl.LightningModule):
 
     # -- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        o = self.cfg["optim"]
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(
-            params,
-            lr=float(o["lr"]),
-            momentum=float(o["momentum"]),
-            weight_decay=float(o["weight_decay"]),
-        )
-        total = int(o.get("total_steps") or self.trainer.estimated_stepping_batches)
-        per_epoch = self.trainer.num_training_batches
-        if not per_epoch or per_epoch == float("inf"):
-            epochs = max(1, int(self.trainer.max_epochs or 1))
-            per_epoch = max(1, total // epochs)
-        schedule = WarmupSchedule(
-            total_steps=total,
-            warmup_steps=int(o.get("warmup_steps", 0) or 0),
-            warmup_start_factor=float(o.get("warmup_start_factor", 0.01)),
-            schedule=str(o.get("schedule", "cosine")),
-            milestones=[int(round(float(e) * per_epoch)) for e in (o.get("milestones") or [])],
-            gamma=float(o.get("gamma", 0.1)),
-            min_lr_factor=float(o.get("min_lr_factor", 0.0)),
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=schedule)
+        opt = self.optimizer_factory(params)
+
+        def estimated() -> int:  # sets up the train loader: only asked for when needed
+            return int(self.trainer.estimated_stepping_batches)
+
+        def per_epoch(total: int) -> int:
+            batches = self.trainer.num_training_batches
+            if not batches or batches == float("inf"):  # loader not set up yet
+                return max(1, total // max(1, int(self.trainer.max_epochs or 1)))
+            return int(batches)
+
+        sched = self.scheduler_factory(opt, estimated_steps=estimated, steps_per_epoch=per_epoch)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _sampler_state(self) -> str:
@@ -295,9 +208,10 @@ class HFSoftmaxModule(pl.LightningModule):
             self.log("train/acc_full", acc_full, on_step=True, on_epoch=False, batch_size=bsz)
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        clip = self.cfg["optim"].get("grad_clip")
-        if clip:
-            self.clip_gradients(opt, gradient_clip_val=float(clip), gradient_clip_algorithm="norm")
+        if self.grad_clip:
+            self.clip_gradients(
+                opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm"
+            )
         opt.step()
         self.classifier.sparse_step(lr)
         sched.step()
@@ -423,6 +337,7 @@ class HFSoftmaxModule(pl.LightningModule):
 
     # -- checkpoint ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.last_saved_step = int(checkpoint.get("global_step", self.global_step))
         checkpoint["hf_softmax"] = {"nonfinite_skipped": self.nonfinite_skipped}
         # H7 (DDP): a sharded classifier keeps its samplers' state in its own (consolidated)
         # state dict; one rank's sampler state here would be wrong for other world sizes.

@@ -44,7 +44,9 @@ def mxnet_rec_dir() -> Path:
 
 
 def module_cfg(sampler: str = "annoy", head: str = "cosface", **optim) -> DictConfig:
-    """An HFSoftmaxModule config from the real YAMLs: tiny backbone (D = 32), constant LR."""
+    """A train config for ``hf_softmax.build.build_module`` from the real YAMLs: tiny backbone
+    (D = 32), constant LR; ``optim``: lr/momentum/weight_decay, ``schedule`` (the scheduler
+    YAML) and the scheduler's keys."""
     conf = REPO / "conf"
     cfg = OmegaConf.create(
         {
@@ -52,19 +54,20 @@ def module_cfg(sampler: str = "annoy", head: str = "cosface", **optim) -> DictCo
             "model": OmegaConf.load(conf / "model/tiny.yaml"),
             "head": OmegaConf.load(conf / f"head/{head}.yaml"),
             "sampler": OmegaConf.load(conf / f"sampler/{sampler}.yaml"),
-            "optim": {
-                "lr": 0.05,
-                "momentum": 0.9,
-                "weight_decay": 5e-4,
-                "warmup_steps": 0,
-                "schedule": "constant",
-                **optim,
-            },  # fmt: skip
+            "optim": OmegaConf.load(conf / "optim/sgd.yaml"),
+            "scheduler": OmegaConf.load(
+                conf / f"scheduler/{optim.pop('schedule', 'constant')}.yaml"
+            ),
             "classifier": {"offload": False},
             "validation": {"flip": True, "nfolds": 10},
         }
     )
     cfg.model.embedding_dim = 32
+    cfg.scheduler.warmup_steps = 0
+    optim = {"lr": 0.05, **optim}  # lr, momentum, weight_decay; the rest are schedule keys
+    for key, value in optim.items():
+        node = cfg.optim if key in ("lr", "momentum", "weight_decay") else cfg.scheduler
+        node[key] = value
     return cfg
 
 

@@ -6,19 +6,31 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from hf_softmax.backbones import BACKBONES, build_backbone
-from hf_softmax.heads import build_head
-from hf_softmax.module import check_config
-from hf_softmax.samplers import build_sampler
+from hf_softmax.backbones import BACKBONES
+from hf_softmax.config_check import check_config
+from hf_softmax.heads import MarginHead
+from hf_softmax.samplers import Sampler, sampler_names
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
-GROUPS = ["data", "model", "head", "sampler", "trainer", "logger", "callbacks", "experiment"]
+GROUPS = [
+    "data",
+    "model",
+    "head",
+    "sampler",
+    "optim",
+    "scheduler",
+    "trainer",
+    "logger",
+    "callbacks",
+    "experiment",
+]
 
 
 def options(group: str) -> list[str]:
@@ -39,7 +51,8 @@ def compose_train(overrides: list[str], tmp_path: Path) -> DictConfig:
 def test_every_group_has_options():
     for group in GROUPS:
         assert options(group), f"conf/{group}/ is empty"
-    assert set(options("sampler")) == {"full", "random", "annoy", "hnsw", "exact", "auto"}
+    assert set(options("sampler")) == set(sampler_names())  # one YAML per sampler file
+    assert {"cosine", "step", "constant"} == set(options("scheduler"))
     assert {"cpu", "gpu", "ddp"} <= set(options("trainer"))
     assert {"default", "wandb", "csv", "none"} <= set(options("logger"))
     assert "ms1m_iresnet50" in options("experiment")
@@ -47,7 +60,8 @@ def test_every_group_has_options():
 
 def test_defaults(tmp_path):
     cfg = compose_train([], tmp_path)
-    assert cfg.data.demo is True and cfg.sampler.name == "auto" and cfg.model.name == "tiny"
+    assert cfg.data.demo is True and cfg.model.name == "tiny"
+    assert cfg.sampler._target_ == "hf_softmax.samplers.auto.AutoSampler"
     assert cfg.trainer.accelerator == "cpu"
     assert set(cfg.logger) == {"wandb", "csv"}
     assert cfg.hydra.callbacks.sweep_summary._target_ == "hf_softmax.sweep.SweepSummary"
@@ -68,7 +82,7 @@ def test_flip_and_channels_follow_data_and_model(data, tmp_path, mxnet_rec_dir):
     assert cfg.validation.flip is False and cfg.data.channels == 1
     dm = instantiate(cfg.data)
     assert dm.flip is False and dm.channels == 1
-    assert build_backbone(**cfg.model).in_channels == 1
+    assert instantiate(cfg.model).in_channels == 1
 
 
 @pytest.mark.parametrize(
@@ -86,16 +100,24 @@ def test_group_option_composes_and_instantiates(group, option, tmp_path, mxnet_r
     elif group == "model":
         assert node.name in BACKBONES
         if node.name in ("tiny", "iresnet18", "mobilefacenet"):  # the big ones take seconds
-            net = build_backbone(**node)
+            net = instantiate(node)
             assert net.embedding_dim == node.embedding_dim
     elif group == "head":
-        kw = dict(node)
-        head = build_head(kw.pop("name"), **kw)
-        assert head.metric in ("ip", "cosine")
+        head = instantiate(node)
+        assert isinstance(head, MarginHead) and head.metric in ("ip", "cosine")
     elif group == "sampler":
-        s = build_sampler(node, num_classes=2000, metric="cosine", seed=0)
+        s = instantiate(node)(num_classes=2000, metric="cosine", seed=0)
+        assert isinstance(s, Sampler)
         assert s.name == option and s.num == (2000 if s.dense else node.num)
         check_config(cfg, num_classes=2000)
+    elif group == "optim":
+        opt = instantiate(node)([torch.zeros(2, requires_grad=True)])
+        assert opt.param_groups[0]["lr"] == node.lr
+    elif group == "scheduler":
+        opt = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=1.0)
+        sched = instantiate(node)(opt, estimated_steps=100, steps_per_epoch=10)
+        assert sched.get_last_lr()[0] == pytest.approx(node.warmup_start_factor)
+        check_config(cfg)
     elif group == "trainer":
         assert node._target_ == "pytorch_lightning.Trainer"
         if node.accelerator == "cpu":
@@ -114,7 +136,7 @@ def test_group_option_composes_and_instantiates(group, option, tmp_path, mxnet_r
         names = {type(c).__name__ for c in cbs}
         assert {"ModelCheckpoint", "IndexRebuild"} <= names
         rebuild = next(c for c in cbs if type(c).__name__ == "IndexRebuild")
-        assert rebuild.interval == cfg.sampler.interval
+        assert rebuild.interval == cfg.callbacks.index_rebuild.interval == 20  # the demo's
 
 
 @pytest.mark.parametrize("option", options("experiment"))
@@ -124,8 +146,12 @@ def test_experiment_composes(option, tmp_path, mxnet_rec_dir):
         assert cfg.model.name == "iresnet50" and cfg.model.embedding_dim == 512
         assert cfg.model.input_size == 112 and cfg.data.image_size == 112
         assert cfg.data.batch_size == 128 and cfg.optim.lr == 0.1
+        assert cfg.scheduler.schedule == "step" and cfg.scheduler.milestones == [10, 16, 18]
+        assert cfg.callbacks.index_rebuild.interval == 1000
         assert cfg.trainer.max_epochs == 20
-        assert cfg.head.name in ("arcface", "cosface") and cfg.sampler.name == "hnsw"
+        assert cfg.head._target_.endswith("ArcFaceHead") and cfg.sampler._target_.endswith(
+            "HNSWSampler"
+        )
         assert cfg.data._target_ == "data.datamodule.RecordDataModule" and not cfg.data.demo
     check_config(cfg)
     instantiate(cfg.data)
@@ -133,15 +159,18 @@ def test_experiment_composes(option, tmp_path, mxnet_rec_dir):
 
 def test_experiment_null_and_cli_overrides(tmp_path):
     cfg = compose_train(["~experiment", "sampler=hnsw", "sampler.num=1000"], tmp_path)
-    assert cfg.sampler.name == "hnsw" and cfg.sampler.num == 1000
+    assert cfg.sampler._target_.endswith("HNSWSampler") and cfg.sampler.num == 1000
     demo = compose_train(["sampler=hnsw"], tmp_path)
     assert demo.sampler.num == 200  # the demo experiment's M applies to every sampler
 
 
 def test_bad_names_fail_with_valid_list(tmp_path):
-    cfg = compose_train(["sampler.name=lsh"], tmp_path)
+    cfg = compose_train(["sampler._target_=hf_softmax.samplers.lsh.LSHSampler"], tmp_path)
     with pytest.raises(ValueError, match="valid names"):
         check_config(cfg)
-    cfg = compose_train(["sampler.interval=0"], tmp_path)
-    with pytest.raises(ValueError, match="interval"):
+    cfg = compose_train(["callbacks.index_rebuild.interval=0"], tmp_path)
+    with pytest.raises(ValueError, match="callbacks.index_rebuild.interval must be >= 1"):
+        check_config(cfg)
+    cfg = compose_train(["+sampler.trees=3"], tmp_path)
+    with pytest.raises(ValueError, match=r"unknown config keys \['trees'\]"):
         check_config(cfg)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_softmax.module import HFSoftmaxModule
+from hf_softmax.build import build_module
 from hf_softmax.rows import sparse_sgd_
 from tests.conftest import module_cfg, step_losses
 
@@ -31,14 +31,14 @@ def test_offload_keeps_rows_pinned_on_host_and_moves_only_active_rows():
     cfg = module_cfg("random", "cosface")
     cfg.sampler.num = m
     cfg.classifier.offload = True
-    module = HFSoftmaxModule(cfg, n).to(CUDA)
+    module = build_module(cfg, n).to(CUDA)
     clf = module.classifier
     clf.place(CUDA)
     d = clf.embedding_dim
     assert clf.weight.device.type == "cpu" and clf.weight.is_pinned()
     assert clf.momentum_buffer.device.type == "cpu" and clf.momentum_buffer.is_pinned()
     cfg.classifier.offload = False
-    ref = HFSoftmaxModule(cfg, n).classifier  # same seed: same W, same sampler RNG; on CPU
+    ref = build_module(cfg, n).classifier  # same seed: same W, same sampler RNG; on CPU
     assert torch.equal(ref.weight, clf.weight)
 
     g = torch.Generator().manual_seed(0)
@@ -103,7 +103,7 @@ def test_bf16_mixed_demo_training_stays_finite_with_float32_rows(tmp_path):
             "trainer.max_steps=6",
             "trainer.limit_val_batches=1",
             "trainer.log_every_n_steps=1",
-            "sampler.background=false",
+            "callbacks.index_rebuild.background=false",
         ],
         tmp_path,
     )
@@ -120,9 +120,9 @@ def test_bf16_mixed_demo_training_stays_finite_with_float32_rows(tmp_path):
 def test_checkpoint_resumes_across_devices(tmp_path, first, second):
     common = [
         "logger=csv",
-        "sampler.background=false",
+        "callbacks.index_rebuild.background=false",
         "trainer.limit_val_batches=0",
-        "optim.total_steps=16",
+        "scheduler.total_steps=16",
     ]
     runs = tmp_path / "runs"
     _train(common + [f"trainer={first}", "trainer.max_epochs=1"], runs / "a", runs)

@@ -34,10 +34,10 @@ def _overrides(run: Path, demo_root: Path) -> list[str]:
         "model.embedding_dim=32",
         "sampler=annoy",
         "sampler.num=24",  # 12 active classes per rank
-        "sampler.interval=2",
-        "sampler.background=false",
-        "sampler.probe_every=1",
-        "optim.warmup_steps=0",
+        "callbacks.index_rebuild.interval=2",
+        "callbacks.index_rebuild.background=false",
+        "callbacks.index_rebuild.probe_every=1",
+        "scheduler.warmup_steps=0",
         f"+trainer.limit_train_batches={STEPS}",
         "~callbacks.progress_bar",
         "trainer.enable_progress_bar=false",
@@ -84,12 +84,12 @@ def test_two_process_training_writes_consolidated_checkpoint(ddp_run):
 
 def test_two_process_checkpoint_resumes_in_one_process(ddp_run, tmp_path):
     import train
+    from hf_softmax.build import module_from_checkpoint
     from hf_softmax.classifier import SampledClassifier
-    from hf_softmax.module import HFSoftmaxModule
 
     last = ddp_run["run"] / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=False)["state_dict"]
-    loaded = HFSoftmaxModule.load_from_checkpoint(last)  # evaluation path, one process
+    loaded = module_from_checkpoint(last)  # evaluation path, one process
     torch.testing.assert_close(loaded.classifier.snapshot_weights(),
                                saved["classifier.weight"].numpy())  # fmt: skip
 

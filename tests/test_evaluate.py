@@ -155,7 +155,7 @@ def test_python2_fixture_bin(trained, tmp_path) -> None:
 def test_closed_set_top1_matches_classifier_predict(trained, tmp_path) -> None:
     """data=rec: chunked argmax over memory-mapped rows == SampledClassifier.predict."""
     from data.datamodule import RecordDataModule
-    from hf_softmax.module import HFSoftmaxModule
+    from hf_softmax.build import build_module
 
     cfg = _eval_cfg(
         trained,
@@ -172,7 +172,7 @@ def test_closed_set_top1_matches_classifier_predict(trained, tmp_path) -> None:
     assert top1["classes"] == DEMO["num_classes"] and top1["images"] > 0
 
     ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=False)
-    module = HFSoftmaxModule(ckpt["hyper_parameters"]["cfg"], DEMO["num_classes"]).eval()
+    module = build_module(ckpt["hyper_parameters"]["cfg"], DEMO["num_classes"]).eval()
     module.load_state_dict(ckpt["state_dict"], strict=False)
     train_data = ckpt["hyper_parameters"]["cfg"]["data"]
     dm = RecordDataModule(
@@ -329,10 +329,10 @@ def _write_rec(path: Path, labels: list[int], size: int = 32, seed: int = 0) -> 
 def _dense_reference(ckpt_path: Path, pngs: list[bytes], flip: bool, channels: int = 3):
     """Slow oracle: the whole (n, N) plain-logit matrix -> (top-1 ids (n,), top-5 ids (n, 5))."""
     from data.transforms import decode_image, normalize
-    from hf_softmax.module import HFSoftmaxModule
+    from hf_softmax.build import build_module
 
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    module = HFSoftmaxModule(ckpt["hyper_parameters"]["cfg"], DEMO["num_classes"]).eval()
+    module = build_module(ckpt["hyper_parameters"]["cfg"], DEMO["num_classes"]).eval()
     module.load_state_dict(ckpt["state_dict"], strict=False)
     x = normalize(torch.stack([decode_image(p, channels=channels) for p in pngs]))
     with torch.no_grad():
@@ -397,7 +397,7 @@ def test_grayscale_checkpoint_end_to_end(trained_gray, tmp_path) -> None:
     evaluate.py decodes .bin and top1_rec images as grayscale and follows data.flip=false."""
     import hydra
 
-    from hf_softmax.module import HFSoftmaxModule
+    from hf_softmax.build import build_module
 
     cfg = trained_gray["cfg"]
     dm = hydra.utils.instantiate(cfg.data)  # the DataModule train.py built
@@ -411,7 +411,7 @@ def test_grayscale_checkpoint_end_to_end(trained_gray, tmp_path) -> None:
     assert saved["data"]["channels"] == 1 and saved["data"]["flip"] is False
     assert saved["validation"]["flip"] is False
     assert ckpt["state_dict"]["backbone.body.0.0.weight"].shape[1] == 1  # first conv: 1 channel
-    assert HFSoftmaxModule(saved, DEMO["num_classes"]).val_flip is False
+    assert build_module(saved, DEMO["num_classes"]).val_flip is False
 
     labels = [3, 3, 7, 11, 40, 47]
     pngs = _write_rec(tmp_path / "test.rec", labels)

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.index_rebuild import IndexRebuild
+from hf_softmax.build import build_module
 from hf_softmax.module import HFSoftmaxModule
 from hf_softmax.samplers.annoy import AnnoySampler
 from hf_softmax.samplers.exact import exact_topk, recall_at_k
@@ -105,7 +106,7 @@ def with_sampler(module: HFSoftmaxModule, cls, **kw) -> HFSoftmaxModule:
 
 
 def test_interval_schedule_sync():
-    module = HFSoftmaxModule(make_cfg("annoy"), NUM_CLASSES)
+    module = build_module(make_cfg("annoy"), NUM_CLASSES)
     cb = IndexRebuild(interval=3, background=False)
     fit(module, [cb], steps=10)
     starts = [r.start_step for r in cb.history]
@@ -115,7 +116,7 @@ def test_interval_schedule_sync():
 
 
 def test_background_build_never_blocks_a_step():
-    module = with_sampler(HFSoftmaxModule(make_cfg("annoy"), NUM_CLASSES), GatedAnnoy)
+    module = with_sampler(build_module(make_cfg("annoy"), NUM_CLASSES), GatedAnnoy)
     sampler = module.classifier.sampler
     cb = IndexRebuild(interval=4, background=True)
     seen = {}
@@ -138,7 +139,7 @@ def test_background_build_never_blocks_a_step():
 
 
 def test_sync_build_runs_inside_the_step():
-    module = with_sampler(HFSoftmaxModule(make_cfg("annoy"), NUM_CLASSES), GatedAnnoy, timeout=0.2)
+    module = with_sampler(build_module(make_cfg("annoy"), NUM_CLASSES), GatedAnnoy, timeout=0.2)
     cb = IndexRebuild(interval=4, background=False)
     fit(module, [cb], steps=5)
     sampler = module.classifier.sampler
@@ -148,7 +149,7 @@ def test_sync_build_runs_inside_the_step():
 
 
 def test_failing_background_build_keeps_old_index_and_retries(caplog):
-    module = with_sampler(HFSoftmaxModule(make_cfg("annoy"), NUM_CLASSES), FailingAnnoy,
+    module = with_sampler(build_module(make_cfg("annoy"), NUM_CLASSES), FailingAnnoy,
                           fail_on=(2,))  # fmt: skip
     sampler = module.classifier.sampler
     cb = IndexRebuild(interval=3, background=True)
@@ -174,7 +175,7 @@ def test_failing_background_build_keeps_old_index_and_retries(caplog):
 
 
 def test_recall_probe_is_logged_and_matches_reference():
-    module = HFSoftmaxModule(make_cfg("annoy"), NUM_CLASSES)
+    module = build_module(make_cfg("annoy"), NUM_CLASSES)
     cb = IndexRebuild(interval=100, background=False, probe_every=2, probe_k=5)
     trainer = fit(module, [cb], steps=6)
     assert cb.probes == 3
@@ -189,7 +190,7 @@ def test_recall_probe_is_logged_and_matches_reference():
 
 
 def test_adaptive_rebuild_when_recall_low():
-    module = HFSoftmaxModule(make_cfg("annoy"), NUM_CLASSES)
+    module = build_module(make_cfg("annoy"), NUM_CLASSES)
     # min_recall > 1 can never be met: every probe asks for a rebuild
     cb = IndexRebuild(interval=1000, background=False, probe_every=2, adaptive=True,
                       min_recall=1.01)  # fmt: skip
@@ -199,7 +200,7 @@ def test_adaptive_rebuild_when_recall_low():
 
 
 def test_num_schedule_changes_m():
-    module = HFSoftmaxModule(make_cfg("annoy"), NUM_CLASSES)
+    module = build_module(make_cfg("annoy"), NUM_CLASSES)
     sizes = []
 
     class Record(pl.Callback):
@@ -212,7 +213,7 @@ def test_num_schedule_changes_m():
 
 
 def test_hnsw_refreshes_touched_rows():
-    module = HFSoftmaxModule(make_cfg("hnsw", num_threads=1), NUM_CLASSES)
+    module = build_module(make_cfg("hnsw", num_threads=1), NUM_CLASSES)
     cb = IndexRebuild(interval=2, background=False)
     fit(module, [cb], steps=5)
     kinds = [r.kind for r in cb.history]
@@ -221,14 +222,14 @@ def test_hnsw_refreshes_touched_rows():
 
 @pytest.mark.parametrize("sampler", ["random", "full"])
 def test_no_op_without_index(sampler):
-    module = HFSoftmaxModule(make_cfg(sampler), NUM_CLASSES)
+    module = build_module(make_cfg(sampler), NUM_CLASSES)
     cb = IndexRebuild(interval=1, background=True, probe_every=1)
     fit(module, [cb], steps=3)
     assert cb.builds == 0 and not cb.history and cb.probes == 0
 
 
 def test_counters_in_checkpoint_never_the_index(tmp_path):
-    module = HFSoftmaxModule(make_cfg("annoy"), NUM_CLASSES)
+    module = build_module(make_cfg("annoy"), NUM_CLASSES)
     cb = IndexRebuild(interval=2, background=False, probe_every=3)
     trainer = fit(module, [cb], steps=5, tmp_path=tmp_path)
     path = tmp_path / "x.ckpt"
@@ -241,7 +242,7 @@ def test_counters_in_checkpoint_never_the_index(tmp_path):
     fresh.load_state_dict(state)
     assert fresh.state_dict() == pytest.approx(cb.state_dict(), nan_ok=True)
     # after loading, the index is rebuilt on train start (never unpickled)
-    resumed = HFSoftmaxModule(make_cfg("annoy"), NUM_CLASSES)
+    resumed = build_module(make_cfg("annoy"), NUM_CLASSES)
     cb2 = IndexRebuild(interval=2, background=False)
     trainer2 = pl.Trainer(accelerator="cpu", max_steps=7, logger=False, enable_progress_bar=False,
                           enable_model_summary=False, limit_val_batches=0, callbacks=[cb2],

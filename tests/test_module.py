@@ -14,10 +14,13 @@ import torch
 from omegaconf import OmegaConf
 
 from data.datamodule import RecordDataModule
+from hf_softmax.build import build_module, module_from_checkpoint
 from hf_softmax.classifier import SampledClassifier
+from hf_softmax.config_check import check_config
 from hf_softmax.heads import build_head
-from hf_softmax.module import HFSoftmaxModule, NonFiniteError, WarmupSchedule, check_config
+from hf_softmax.module import NonFiniteError
 from hf_softmax.samplers import build_sampler
+from hf_softmax.schedule import WarmupSchedule
 from tests.conftest import module_cfg
 
 
@@ -25,7 +28,6 @@ def make_cfg(sampler: str = "annoy", head: str = "cosface", **optim) -> dict:
     cfg = module_cfg(sampler, head, **optim)
     cfg.head.scale = 16.0  # moderate logits: a few steps on 58 images must show progress
     cfg.sampler.num = 8
-    cfg.sampler.background = False
     return OmegaConf.to_container(cfg)
 
 
@@ -68,7 +70,7 @@ def test_loss_decreases_on_tiny_rec(rec_dm):
     cfg = make_cfg("annoy", lr=0.1)
     cfg["sampler"]["n_jobs"] = 1  # a multi-threaded Annoy build is not deterministic
     pl.seed_everything(0, verbose=False)  # the backbone's initialisation
-    module = HFSoftmaxModule(cfg, rec_dm.num_classes)
+    module = build_module(cfg, rec_dm.num_classes)
     rec = Record()
     # 58 images, 19 classes, batch 8: 7 steps per epoch, 6 epochs
     trainer(-1, [rec, IndexRebuild(interval=5)], max_epochs=6).fit(module, datamodule=rec_dm)
@@ -78,7 +80,7 @@ def test_loss_decreases_on_tiny_rec(rec_dm):
 
 
 def test_only_active_rows_move_like_torch_sgd(rec_dm):
-    module = HFSoftmaxModule(make_cfg("random", momentum=0.0, weight_decay=0.0),
+    module = build_module(make_cfg("random", momentum=0.0, weight_decay=0.0),
                              rec_dm.num_classes)  # fmt: skip
     w0 = module.classifier.weight.clone()
     grads = {}
@@ -103,7 +105,7 @@ def test_only_active_rows_move_like_torch_sgd(rec_dm):
 
 def test_validation_metrics(rec_dm):
     rec_dm.val_fraction = 0.0
-    module = HFSoftmaxModule(make_cfg("exact"), rec_dm.num_classes)
+    module = build_module(make_cfg("exact"), rec_dm.num_classes)
     t = trainer(2, limit_val_batches=1.0, limit_train_batches=2, max_epochs=1)
     t.fit(module, datamodule=rec_dm)
     metrics = t.callback_metrics
@@ -112,7 +114,7 @@ def test_validation_metrics(rec_dm):
 
 
 def test_holdout_top1_uses_predict_over_all_classes(rec_dm):
-    module = HFSoftmaxModule(make_cfg("random"), rec_dm.num_classes)
+    module = build_module(make_cfg("random"), rec_dm.num_classes)
     images = torch.randn(4, 3, 32, 32)
     feats = module.backbone.eval()(images)
     w = module.classifier.weight
@@ -142,7 +144,7 @@ def test_train_acc_and_acc_full_by_hand(rec_dm):
     the rows after the step are the rows the step scored)."""
     cfg = make_cfg("random", lr=0.0)
     cfg["validation"]["acc_full_every"] = 2
-    module = HFSoftmaxModule(cfg, rec_dm.num_classes)
+    module = build_module(cfg, rec_dm.num_classes)
     logged: dict[str, list[float]] = {}
     log = module.log
 
@@ -171,7 +173,7 @@ def test_train_acc_and_acc_full_by_hand(rec_dm):
 
 
 def test_nonfinite_loss_stops_naming_step_and_sampler(rec_dm):
-    module = HFSoftmaxModule(make_cfg("random"), rec_dm.num_classes)
+    module = build_module(make_cfg("random"), rec_dm.num_classes)
     module.classifier.weight[:] = float("nan")
     with pytest.raises(NonFiniteError, match=r"global step 0 .*sampler 'random'"):
         trainer(3).fit(module, datamodule=rec_dm)
@@ -180,7 +182,7 @@ def test_nonfinite_loss_stops_naming_step_and_sampler(rec_dm):
 def test_skip_nonfinite_counts(rec_dm):
     cfg = make_cfg("random")
     cfg["skip_nonfinite"] = True
-    module = HFSoftmaxModule(cfg, rec_dm.num_classes)
+    module = build_module(cfg, rec_dm.num_classes)
     module.classifier.weight[:] = float("inf")
     trainer(2, max_epochs=1, limit_train_batches=2).fit(module, datamodule=rec_dm)
     assert module.nonfinite_skipped == 2
@@ -199,7 +201,7 @@ def test_warmup_cosine_step_schedules():
 def test_sparse_step_uses_scheduled_lr(rec_dm):
     cfg = make_cfg("random", momentum=0.0, weight_decay=0.0, warmup_steps=4,
                    warmup_start_factor=0.25, schedule="constant")  # fmt: skip
-    module = HFSoftmaxModule(cfg, rec_dm.num_classes)
+    module = build_module(cfg, rec_dm.num_classes)
     seen = []
 
     class Grab(pl.Callback):
@@ -218,7 +220,7 @@ def test_sparse_step_uses_scheduled_lr(rec_dm):
 
 def test_checkpoint_holds_cfg_backbone_and_classifier(rec_dm, tmp_path):
     cfg = make_cfg("annoy")
-    module = HFSoftmaxModule(cfg, rec_dm.num_classes)
+    module = build_module(cfg, rec_dm.num_classes)
     t = trainer(2, default_root_dir=tmp_path)
     t.fit(module, datamodule=rec_dm)
     path = tmp_path / "m.ckpt"
@@ -228,7 +230,7 @@ def test_checkpoint_holds_cfg_backbone_and_classifier(rec_dm, tmp_path):
     keys = set(ckpt["state_dict"])
     assert {"classifier.weight", "classifier.momentum"} <= keys
     assert any(k.startswith("backbone.") for k in keys)
-    loaded = HFSoftmaxModule.load_from_checkpoint(path)
+    loaded = module_from_checkpoint(path)
     torch.testing.assert_close(loaded.classifier.weight, module.classifier.weight)
     torch.testing.assert_close(loaded.classifier.momentum_buffer, module.classifier.momentum_buffer)
     assert loaded.classifier.sampler.state_dict()["num_selects"] == 2
@@ -239,12 +241,14 @@ def test_check_config_errors():
     with pytest.raises(ValueError, match=r"exceeds the number of classes N = 5"):
         check_config(cfg, num_classes=5)
     bad = make_cfg("annoy")
-    bad["sampler"]["interval"] = 0
-    with pytest.raises(ValueError, match="interval must be >= 1"):
+    bad["callbacks"] = {"index_rebuild": {"interval": 0}}
+    with pytest.raises(ValueError, match="callbacks.index_rebuild.interval must be >= 1"):
         check_config(bad)
     bad = make_cfg("annoy")
-    bad["sampler"]["name"] = "lsh"
-    with pytest.raises(ValueError, match=r"unknown sampler 'lsh'.*annoy"):
+    bad["sampler"]["_target_"] = "hf_softmax.samplers.lsh.LSHSampler"
+    with pytest.raises(
+        ValueError, match=r"unknown sampler 'hf_softmax.samplers.lsh.LSHSampler'.*annoy"
+    ):
         check_config(bad)
     bad = make_cfg("annoy")
     bad["model"]["name"] = "resnet9000"

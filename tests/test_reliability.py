@@ -43,11 +43,11 @@ TINY = [
     "data.val_fraction=0.0",  # all 256 images train: 8 steps per epoch
     "model.embedding_dim=32",
     "sampler.num=48",
-    f"sampler.interval={EVERY}",
-    "sampler.probe_every=0",
-    "sampler.background=false",
-    "optim.warmup_steps=2",
-    "optim.total_steps=16",
+    f"callbacks.index_rebuild.interval={EVERY}",
+    "callbacks.index_rebuild.probe_every=0",
+    "callbacks.index_rebuild.background=false",
+    "scheduler.warmup_steps=2",
+    "scheduler.total_steps=16",
     "trainer.max_epochs=2",
     f"trainer.max_steps={LAST}",  # a step checkpoint (last.ckpt) at the very end
     "trainer.limit_val_batches=0",
@@ -220,13 +220,14 @@ def test_nonfinite_weight_row_with_finite_loss_stops_naming_rows_step_and_sample
     only the sparse update makes one classifier row non-finite (an Inf momentum entry)."""
     from hydra import compose, initialize_config_dir
 
-    from hf_softmax.module import HFSoftmaxModule, NonFiniteError
+    from hf_softmax.build import build_module
+    from hf_softmax.module import NonFiniteError
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["sampler=random", "sampler.num=16", "data.batch_size=8",
                                           "model.embedding_dim=32"])  # fmt: skip
     demo_dm.batch_size, demo_dm.num_workers = 8, 0
-    module = HFSoftmaxModule(cfg, demo_dm.num_classes)  # all 16 rows active every step
+    module = build_module(cfg, demo_dm.num_classes)  # all 16 rows active every step
     with torch.no_grad():
         module.classifier.momentum_buffer[5] = float("inf")
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,

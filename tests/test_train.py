@@ -19,8 +19,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from hf_softmax.build import module_from_checkpoint
 from hf_softmax.checkpoint_io import AtomicCheckpointIO
-from hf_softmax.module import HFSoftmaxModule
 from hf_softmax.sweep import write_summary
 from tests.conftest import step_losses
 
@@ -39,9 +39,9 @@ TINY = [
     "data.val_batch_size=64",
     "model.embedding_dim=32",
     "sampler.num=48",
-    "sampler.interval=4",
-    "sampler.probe_every=4",
-    "optim.warmup_steps=2",
+    "callbacks.index_rebuild.interval=4",
+    "callbacks.index_rebuild.probe_every=4",
+    "scheduler.warmup_steps=2",
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
     "torch_threads=null",  # the demo experiment's 1 thread would stick to the test process
@@ -75,9 +75,17 @@ FINAL_KEYS = {
 }
 
 
-@pytest.mark.parametrize("sampler", ["annoy", "hnsw", "exact", "random", "full"])
-def test_fast_dev_run_every_sampler(sampler, tmp_path, capsys):
-    cfg = compose_cfg([f"sampler={sampler}", "trainer.fast_dev_run=true", "logger=csv"], tmp_path)
+# every conf/sampler/*.yaml: adding a sampler (one file + one YAML) needs no change here
+SAMPLERS = sorted(p.stem for p in (REPO / "conf" / "sampler").glob("*.yaml"))
+STEPS = 3
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_trains_a_few_steps(sampler, tmp_path, capsys):
+    """The real composed config (hydra.compose) of each sampler YAML trains STEPS steps."""
+    cfg = compose_cfg(
+        [f"sampler={sampler}", f"trainer.fast_dev_run={STEPS}", "logger=csv"], tmp_path
+    )
     value = train_script.train(cfg)
     assert 0.0 <= value <= 1.0  # verification accuracy on the pairs of the first val batch
     out = capsys.readouterr().out
@@ -85,7 +93,7 @@ def test_fast_dev_run_every_sampler(sampler, tmp_path, capsys):
     # the final summary: printed and in final_metrics.json (what sweep summaries tabulate)
     final = json.loads((tmp_path / "final_metrics.json").read_text())
     assert set(final) == FINAL_KEYS
-    assert final["optimized_metric"] == "val/pairs/acc" and final["steps"] == 1
+    assert final["optimized_metric"] == "val/pairs/acc" and final["steps"] == STEPS
     for key in FINAL_KEYS - {"optimized_metric", "steps", "wall_s"}:
         assert 0.0 <= final[key] <= 1.0, key
     assert final["val/pairs/acc"] == pytest.approx(value)
@@ -93,11 +101,10 @@ def test_fast_dev_run_every_sampler(sampler, tmp_path, capsys):
     assert "closed-set top-1 (held-out images, all classes)" in out
     ckpt = Path(next(ln for ln in out.splitlines() if ln.startswith("checkpoint: "))[12:])
     assert ckpt.parent == tmp_path / "checkpoints" and ckpt.is_file()
-    module = HFSoftmaxModule.load_from_checkpoint(ckpt)
+    module = module_from_checkpoint(ckpt)
     assert module.classifier.sampler.name == sampler
-    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["cfg"]["sampler"]["name"] == (
-        sampler
-    )
+    saved = torch.load(ckpt, weights_only=True)["hyper_parameters"]["cfg"]
+    assert saved["sampler"]["_target_"] == cfg.sampler._target_
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -105,10 +112,10 @@ def test_resume_equals_uninterrupted(tmp_path):
     at epoch boundaries; the module reseeds data order and flips from (seed, epoch))."""
     common = [
         "logger=csv",
-        "sampler.background=false",
+        "callbacks.index_rebuild.background=false",
         "trainer.limit_val_batches=0",
         "data.val_fraction=0.0",  # all 256 images train: 8 steps per epoch
-        "optim.total_steps=16",
+        "scheduler.total_steps=16",
     ]  # the same LR schedule whether max_epochs is 1 or 2
     full = tmp_path / "full"
     train_script.train(compose_cfg(common + ["trainer.max_epochs=2"], full))

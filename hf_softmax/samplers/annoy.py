@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 from annoy import AnnoyIndex
@@ -51,8 +52,9 @@ class AnnoySampler(Sampler):
         search_k: int = -1,
         n_jobs: int = -1,
         query_threads: int = -1,
+        **selection: Any,
     ) -> None:
-        super().__init__(num_classes, num, metric, seed)
+        super().__init__(num_classes, num, metric, seed, **selection)
         self.ntrees = int(ntrees)
         self.search_k = int(search_k)
         self.n_jobs = int(n_jobs)

@@ -40,8 +40,9 @@ class AutoSampler(Sampler):
         search_k: int = -1,
         n_jobs: int = -1,
         query_threads: int = -1,
+        **selection: Any,
     ) -> None:
-        super().__init__(num_classes, num, metric, seed)
+        super().__init__(num_classes, num, metric, seed, **selection)
         self.exact_max_elements = int(exact_max_elements)
         self.backends: dict[str, Sampler] = {
             "exact": ExactSampler(num_classes, num, metric, seed, chunk_size),

@@ -60,7 +60,11 @@ class Sampler:
     """Base class; subclasses override ``build_index`` / ``query`` (index samplers) or ``select``.
 
     num_classes: N; num: M (active classes per step); metric: "ip" | "cosine" (must match the
-    head); seed: seeds the torch generator used for the random fill.
+    head); seed: seeds the torch generator used for the random fill; random_fraction,
+    index_after, correction: the selection knobs (``configure``). Subclasses take their own
+    knobs and pass ``**selection`` on, so ``conf/sampler/<name>.yaml`` (``_partial_: true``)
+    holds M, the selection knobs and the kind's knobs; N, the metric and the seed are given
+    when the data is known.
     """
 
     name: str = "base"
@@ -75,7 +79,16 @@ class Sampler:
     inline_build: bool = False  # builds cheap enough to run inside the step (background: auto)
     effort_knob: str | None = None  # the query-effort knob ``target_recall`` tunes, if any
 
-    def __init__(self, num_classes: int, num: int, metric: str = "ip", seed: int = 0) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        num: int,
+        metric: str = "ip",
+        seed: int = 0,
+        random_fraction: float = 0.0,
+        index_after: int = 0,
+        correction: str = "none",
+    ) -> None:
         if metric not in METRICS:
             raise ValueError(
                 f"sampler {self.name!r}: metric must be one of {METRICS}, got {metric!r}"
@@ -94,6 +107,7 @@ class Sampler:
         self.num_selects = 0
         self.num_fallbacks = 0
         self.num_swaps = 0
+        self.configure(random_fraction, index_after, correction)
 
     def configure(
         self, random_fraction: float = 0.0, index_after: int = 0, correction: str = "none"

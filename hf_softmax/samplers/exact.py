@@ -7,6 +7,8 @@ Per query batch it costs O(B * N * D) flops, chunked so memory stays O(B * chunk
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -81,8 +83,9 @@ class ExactSampler(Sampler):
         metric: str = "ip",
         seed: int = 0,
         chunk_size: int = 65536,
+        **selection: Any,
     ) -> None:
-        super().__init__(num_classes, num, metric, seed)
+        super().__init__(num_classes, num, metric, seed, **selection)
         self.chunk_size = int(chunk_size)
 
     def build_index(self, weights: np.ndarray) -> torch.Tensor:

@@ -22,6 +22,7 @@ query also takes: no extra memory, but queries block while the refresh runs.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import hnswlib
 import numpy as np
@@ -49,8 +50,9 @@ class HNSWSampler(Sampler):
         num_threads: int = -1,
         refresh_fraction: float = 0.3,
         refresh_in_place: bool = False,
+        **selection: Any,
     ) -> None:
-        super().__init__(num_classes, num, metric, seed)
+        super().__init__(num_classes, num, metric, seed, **selection)
         self.m = int(m)
         self.ef_construction = int(ef_construction)
         self.ef = int(ef)

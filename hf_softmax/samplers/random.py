@@ -5,6 +5,8 @@ Per step: O(M) ids drawn by rejection sampling; no index, nothing to rebuild.
 
 from __future__ import annotations
 
+from typing import Any
+
 from hf_softmax.samplers.base import Sampler
 
 
@@ -13,5 +15,7 @@ class RandomSampler(Sampler):
     dense = False
     needs_index = False
 
-    def __init__(self, num_classes: int, num: int, metric: str = "ip", seed: int = 0) -> None:
-        super().__init__(num_classes, num, metric, seed)
+    def __init__(
+        self, num_classes: int, num: int, metric: str = "ip", seed: int = 0, **selection: Any
+    ) -> None:
+        super().__init__(num_classes, num, metric, seed, **selection)
