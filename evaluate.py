@@ -481,7 +481,7 @@ def closed_set_counts(
     Rows are scored ``chunk_size`` at a time with the head's plain logits (``rows.topk_rows``);
     with ``flip`` the features are f(x) + f(flip x).
     """
-    from hf_softmax.rows import topk_rows
+    from hf_softmax.row_store import topk_rows
 
     counts = np.zeros((weight.shape[0], 3), np.int64)
     for images, labels in loader:

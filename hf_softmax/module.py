@@ -6,7 +6,7 @@ One training step (manual optimization, so the sparse classifier follows the sam
     out = classifier(features, labels)          # active set A (|A| = M), logits (B, M), loss
     backward                                     # grads to backbone params and to W[A]
     optimizer.step()                             # SGD on the backbone (and W when dense "full")
-    classifier.sparse_step(lr)                   # SGD momentum + wd on rows A only, same lr
+    classifier.step(out, lr)                     # SGD momentum + wd on rows A only, same lr
     scheduler.step()                             # linear warmup, then cosine / step, per step
 
 Logged per step: ``train/loss``, ``train/acc`` (top-1 within the active set on the plain
@@ -14,13 +14,15 @@ logits, no margin), ``train/acc_full`` every ``validation.acc_full_every`` steps
 all N rows on the batch's features, ``classifier.predict``), ``lr``, ``train/active_size``.
 
 Validation (one DataLoader per name in ``datamodule.val_names``):
-  "holdout": closed-set top-1 and top-5 over all N classes (plain logits, chunked;
-  sharded under DDP: top-1 only, ``classifier.predict``);
+  "holdout": closed-set top-1 and top-5 over all N classes (plain logits, chunked,
+  ``classifier.topk``);
   each .bin set: embeddings f(x) (+ f(flip x) when ``validation.flip``, which defaults to
   ``data.flip``) of the 2P images -> 10-fold verification
   accuracy (``metrics.verification_metrics``), logged as ``val/<name>/acc`` etc.
 
-The checkpoint holds backbone, W, momentum (``classifier.*``), optimizer, scheduler, the
+The classifier (``build_classifier``): ``SampledClassifier`` (rows split by class over the
+ranks under DDP), or ``DenseClassifier`` for ``sampler=full``. The checkpoint holds
+backbone, W, momentum (``classifier.*``), optimizer, scheduler, the
 sampler's RNG/counters and the full resolved cfg (``hyper_parameters["cfg"]``) so
 ``evaluate.py`` can rebuild the backbone.
 """
@@ -28,37 +30,24 @@ sampler's RNG/counters and the full resolved cfg (``hyper_parameters["cfg"]``) s
 from __future__ import annotations
 
 import logging
-import math
-import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from hf_softmax.backbones import build_backbone
-from hf_softmax.classifier import SampledClassifier
+from hf_softmax.classifier_config import build_classifier
 from hf_softmax.heads import build_head
-from hf_softmax.metrics import verification_metrics
-from hf_softmax.rows import topk_rows
-from hf_softmax.samplers import SAMPLERS, build_sampler
-from hf_softmax.sharded import ShardedClassifier, use_sharded  # H7 (DDP)
+from hf_softmax.samplers import SAMPLERS
+from hf_softmax.schedule import WarmupSchedule, seed_epoch
+from hf_softmax.validation import ValidationEpoch
 
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("cosine", "step", "constant")
-
-
-def seed_epoch(seed: int, epoch: int) -> None:
-    """Seed torch, numpy and random from (seed, epoch)."""
-    value = (int(seed) * 1_000_003 + int(epoch) * 7919 + 17) % (2**32)
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
 
 
 class NonFiniteError(FloatingPointError):
@@ -131,34 +120,6 @@ def check_config(cfg: Mapping | DictConfig, num_classes: int | None = None) -> N
             )
 
 
-@dataclass
-class WarmupSchedule:
-    """Multiplicative LR factor per optimizer step: linear warmup, then cosine/step/constant.
-
-    Picklable (LambdaLR saves its __dict__ in the checkpoint).
-    """
-
-    total_steps: int
-    warmup_steps: int = 0
-    warmup_start_factor: float = 0.01
-    schedule: str = "cosine"
-    milestones: list[int] = field(default_factory=list)  # in steps
-    gamma: float = 0.1
-    min_lr_factor: float = 0.0
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            s = self.warmup_start_factor
-            return s + (1.0 - s) * step / self.warmup_steps
-        if self.schedule == "cosine":
-            span = max(1, self.total_steps - self.warmup_steps)
-            t = min(1.0, (step - self.warmup_steps) / span)
-            return self.min_lr_factor + (1 - self.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * t))
-        if self.schedule == "step":
-            return self.gamma ** sum(step >= m for m in self.milestones)
-        return 1.0
-
-
 class HFSoftmaxModule(pl.LightningModule):
     """cfg: the full train config (model, head, sampler, optim, classifier, validation, seed).
 
@@ -178,27 +139,10 @@ class HFSoftmaxModule(pl.LightningModule):
         self.backbone = build_backbone(**model_cfg)
         head_cfg = dict(cfg["head"])
         head = build_head(head_cfg.pop("name"), **head_cfg)
-        optim, ccfg = cfg["optim"], cfg.get("classifier", {}) or {}
-        classifier_kw = dict(
-            num_classes=self.num_classes,
-            embedding_dim=int(model_cfg["embedding_dim"]),
-            head=head,
-            momentum=float(optim["momentum"]),
-            weight_decay=float(optim["weight_decay"]),
-            offload=bool(ccfg.get("offload", False)),
-            init_std=float(ccfg.get("init_std", 0.01)),
-            seed=seed,
+        self.classifier = build_classifier(
+            cfg, self.num_classes, int(model_cfg["embedding_dim"]), head, seed
         )
-        # H7 (DDP): under a DDP strategy the classifier is split by class over the ranks
-        # (hf_softmax/sharded.py); its shard and per-shard sampler are built on first use.
-        self.sharded = use_sharded(cfg)
-        if self.sharded:
-            self.classifier = ShardedClassifier(
-                num=int(cfg["sampler"]["num"]), sampler=cfg["sampler"], **classifier_kw
-            )
-        else:
-            sampler = build_sampler(cfg["sampler"], self.num_classes, head.metric, seed)
-            self.classifier = SampledClassifier(sampler=sampler, **classifier_kw)
+        ccfg = cfg.get("classifier", {}) or {}
         self.skip_nonfinite = bool(cfg.get("skip_nonfinite", False))
         self.nonfinite_skipped = 0
         vcfg = cfg.get("validation", {}) or {}
@@ -208,13 +152,11 @@ class HFSoftmaxModule(pl.LightningModule):
         self.val_nfolds = int(vcfg.get("nfolds", 10))
         self.predict_chunk = int(ccfg.get("predict_chunk", 65536))
         self._last_step_time: float | None = None
-        self._first_epoch_of_fit = False
-        self._val: dict[str, Any] = {}
+        self._val = ValidationEpoch(self.val_nfolds)
 
     # -- placement -------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         self.classifier.place(self.device)
-        self._first_epoch_of_fit = True
 
     def on_validation_start(self) -> None:
         self.classifier.place(self.device)
@@ -298,11 +240,11 @@ class HFSoftmaxModule(pl.LightningModule):
         if clip:
             self.clip_gradients(opt, gradient_clip_val=float(clip), gradient_clip_algorithm="norm")
         opt.step()
-        self.classifier.sparse_step(lr)
+        self.classifier.step(out, lr)
         sched.step()
-        # H7 (DDP): a sharded output's active ids are global; its rows are indexed locally
-        local_ids = getattr(out, "local_ids", None)
-        self._check_rows(out.active.ids if local_ids is None else local_ids, batch_idx)
+        bad = self.classifier.nonfinite_rows(out)
+        if bad:
+            self._nonfinite(f"classifier rows {bad}", batch_idx)
 
         now = time.perf_counter()
         acc = out.accuracy  # plain logits within the active set (sharded: over all ranks')
@@ -317,33 +259,19 @@ class HFSoftmaxModule(pl.LightningModule):
             self.log("train/samples_per_s", bsz / dt, on_step=True, on_epoch=False,
                      batch_size=bsz)  # fmt: skip
         self._last_step_time = now
-        # features / active_ids: for callbacks (recall probe of IndexRebuild) and tests
-        return {"loss": loss.detach(), "features": features.detach(), "active_ids": out.active.ids}
-
-    def _check_rows(self, ids: torch.Tensor, batch_idx: int) -> None:
-        weight = getattr(self.classifier, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            return
-        with torch.no_grad():
-            rows = weight[ids.to(weight.device)]
-            if not bool(torch.isfinite(rows).all()):
-                bad = ids[~torch.isfinite(rows).all(dim=1).cpu()][:10].tolist()
-                self._nonfinite(f"classifier rows {bad}", batch_idx)
+        # for callbacks (recall probe of IndexRebuild) and tests: the features, the active
+        # class ids, and the rows the step updated (local ids) with their gradient
+        grad = out.rows.grad if out.rows is not None else None
+        return {"loss": loss.detach(), "features": features.detach(), "active_ids": out.active.ids,
+                "row_ids": out.row_ids, "row_grad": grad}  # fmt: skip
 
     def on_train_epoch_start(self) -> None:
         self._last_step_time = None  # do not count data-loader start-up as step time
-        # RecordDataModule's order and flips depend on (seed, epoch) only and resume mid-epoch
-        # (data.datamodule.ResumableSampler). Other loaders draw from the global RNGs when
-        # their iterator is created: reseeding from (seed, epoch) and creating the epoch's
-        # iterator right after makes their epochs independent of history too, so a run resumed
-        # at an epoch boundary sees the same batches. Lightning creates the first iterator of
-        # a fit before this hook (and before it sets the sampler's epoch), so it is re-created.
+        # The global RNGs (dropout, augmentations drawn in this process) follow (seed, epoch),
+        # so an epoch does not depend on history. The loader's order and flips do not use
+        # them: RecordDataModule's ResumableSampler derives them from (seed, epoch) and
+        # resumes mid-epoch and at epoch boundaries whenever Lightning creates its iterator.
         seed_epoch(self.seed, self.current_epoch)
-        if self._first_epoch_of_fit:
-            self._first_epoch_of_fit = False
-            fetcher = getattr(self.trainer.fit_loop, "_data_fetcher", None)
-            if fetcher is not None and getattr(fetcher, "_combined_loader", None) is not None:
-                iter(fetcher)
 
     # -- validation ------------------------------------------------------------------------
     def _val_name(self, dataloader_idx: int) -> str:
@@ -352,31 +280,19 @@ class HFSoftmaxModule(pl.LightningModule):
         return names[dataloader_idx] if dataloader_idx < len(names) else f"val{dataloader_idx}"
 
     def on_validation_epoch_start(self) -> None:
-        self._val = {}
+        self._val = ValidationEpoch(self.val_nfolds)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, second = batch[0], batch[1]
         name = self._val_name(dataloader_idx)
-        if name == "holdout":  # second: labels (B,)
-            features = self.backbone(images)  # (B, D)
-            acc = self._val.setdefault(name, [0, 0, 0])  # top-1 hits, top-5 hits, images
-            if self.sharded:  # H7 (DDP): top-1 only (predict is the collective over shards)
-                pred = self.classifier.predict(features, chunk_size=self.predict_chunk)
-                hits = (pred.to(second.device) == second)[:, None]  # (B, 1)
-            else:
-                _, top = topk_rows(features, self.classifier.weight, self.classifier.head, 5,
-                                   self.predict_chunk)  # fmt: skip
-                hits = top.to(second.device) == second[:, None]  # (B, k) best first
-            acc[0] += int(hits[:, 0].sum())
-            acc[1] += int(hits.any(dim=1).sum())
-            acc[2] += int(second.numel())
+        if name == "holdout":  # second: labels (B,); topk is a collective under DDP
+            top = self.classifier.topk(self.backbone(images), 5, self.predict_chunk)
+            self._val.add_holdout(name, top, second)
             return
         emb = self.backbone(images)  # (B, D); second: image index in the .bin (B,)
         if self.val_flip:
             emb = emb + self.backbone(torch.flip(images, dims=[3]))
-        store = self._val.setdefault(name, ([], []))
-        store[0].append(second.detach().to("cpu", torch.int64))
-        store[1].append(emb.detach().float().cpu())
+        self._val.add_embeddings(name, second, emb)
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         if self.trainer.world_size <= 1:
@@ -385,53 +301,17 @@ class HFSoftmaxModule(pl.LightningModule):
         return g.reshape(-1, *t.shape[1:]).cpu()
 
     def on_validation_epoch_end(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        sets = getattr(dm, "verification_sets", {}) or {}
-        for name, value in self._val.items():
-            if name == "holdout":
-                counts = self._gather(torch.tensor([value], dtype=torch.float64)).sum(0)
-                self.log("val/holdout/top1", float(counts[0] / max(counts[2], 1)), prog_bar=True)
-                if not self.sharded:
-                    self.log("val/holdout/top5", float(counts[1] / max(counts[2], 1)))
-                continue
-            if name not in sets:
-                log.warning("no verification set %r in the datamodule; skipped", name)
-                continue
-            index = self._gather(torch.cat(value[0]))
-            emb = self._gather(torch.cat(value[1]))
-            metrics = self.verification(emb, index, np.asarray(sets[name].issame, dtype=bool))
-            for key, v in metrics.items():
-                self.log(f"val/{name}/{key}", float(v), prog_bar=(key == "acc"))
-        self._val = {}
-
-    def verification(
-        self, emb: torch.Tensor, index: torch.Tensor, issame: np.ndarray
-    ) -> dict[str, float]:
-        """emb (n, D) of images ``index`` (n,) of a .bin with issame (P,) -> metrics.
-
-        Pairs with an image missing (partial validation runs) are left out.
-        """
-        num_pairs = len(issame)
-        full = torch.zeros(2 * num_pairs, emb.shape[1])
-        seen = torch.zeros(2 * num_pairs, dtype=torch.bool)
-        full[index] = emb
-        seen[index] = True
-        ok = (seen[0::2] & seen[1::2]).numpy()
-        if ok.sum() < 2:
-            return {}
-        e1, e2 = full[0::2][ok].numpy(), full[1::2][ok].numpy()
-        return verification_metrics(e1, e2, issame[ok], nfolds=self.val_nfolds)
+        sets = getattr(getattr(self.trainer, "datamodule", None), "verification_sets", {}) or {}
+        for key, value, bar in self._val.results(self._gather, sets):
+            self.log(key, value, prog_bar=bar)
+        self._val = ValidationEpoch(self.val_nfolds)
 
     # -- checkpoint ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the sampler's RNG and counters are in the classifier's state dict
         checkpoint["hf_softmax"] = {"nonfinite_skipped": self.nonfinite_skipped}
-        # H7 (DDP): a sharded classifier keeps its samplers' state in its own (consolidated)
-        # state dict; one rank's sampler state here would be wrong for other world sizes.
-        if not self.sharded:
-            checkpoint["hf_softmax"]["sampler"] = self.classifier.sampler.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # older checkpoints also hold "sampler" here: the same state as the classifier's
         state = checkpoint.get("hf_softmax") or {}
-        if "sampler" in state and not self.sharded:  # H7 (DDP)
-            self.classifier.sampler.load_state_dict(state["sampler"])
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))

@@ -228,7 +228,7 @@ def test_nonfinite_weight_row_with_finite_loss_stops_naming_rows_step_and_sample
     demo_dm.batch_size, demo_dm.num_workers = 8, 0
     module = HFSoftmaxModule(cfg, demo_dm.num_classes)  # all 16 rows active every step
     with torch.no_grad():
-        module.classifier.momentum_buffer[5] = float("inf")
+        module.classifier.store.momentum_buffer[5] = float("inf")
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0)  # fmt: skip
