@@ -62,14 +62,14 @@ _KEYS = ("weight", "momentum", "num_updates", "touched", "sampler_rng", "sampler
 class SampledClassifier(nn.Module):
     """N-way classifier whose rows live in a RowStore and are updated sparsely.
 
-    sampler: a built ``Sampler`` over all N classes (one process only), or a factory called
+    sampler: a built ``Sampler`` over all N classes (then never sharded), or a factory called
     with ``num_classes=N_r, metric=, seed=`` (and ``num=M_r`` when ``num`` is known) that
     builds the sampler of the rank's classes; seeds are ``seed + 1009 * rank``.
     num: M, active classes per step summed over ranks (default: the sampler's).
     weight: initial W (N, D) float32, used in place (device and pinning kept; sliced under
     DDP); default N(0, ``init_std``) by seeded blocks (``row_store.initial_rows``).
-    shard: split the rows over the ranks of ``group`` when it is initialised with size > 1
-    (false: every rank keeps all N rows and issues no collective).
+    shard: with a factory, split the rows over the ranks of ``group`` when it is initialised
+    with size > 1 (false: every rank keeps all N rows and issues no collective).
     """
 
     def __init__(
@@ -96,7 +96,7 @@ class SampledClassifier(nn.Module):
         self.head = head
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.offload, self.init_std, self.seed = bool(offload), float(init_std), int(seed)
-        self.shard, self.group, self.ddp_grad_scale = bool(shard), group, bool(ddp_grad_scale)
+        self.group, self.ddp_grad_scale = group, bool(ddp_grad_scale)
         if weight is not None and tuple(weight.shape) != (num_classes, embedding_dim):
             raise ValueError(
                 f"classifier: weight has shape {tuple(weight.shape)}, expected "
@@ -105,22 +105,23 @@ class SampledClassifier(nn.Module):
         self._initial = weight
         self._given: Sampler | None = sampler if isinstance(sampler, Sampler) else None
         self._factory = None if self._given is not None else sampler
+        self.shard = bool(shard) and self._factory is not None
         if self._given is not None:
             check_sampler(self._given, self.num_classes, head.metric)
         self._num = int(num) if num is not None else (self._given.num if self._given else None)
         if self._num is not None and not 1 <= self._num <= self.num_classes:
             raise ValueError(f"classifier: num (M) = {num} must be in 1..{self.num_classes}")
         self.rank, self.world_size = 0, 1
-        self.store: RowStore | None = None
+        self._store: RowStore | None = None
         self._sampler: Sampler | None = None
         self._device = torch.device("cpu")
 
     # -- rows and sampler, made on first use -----------------------------------------------
     def _ensure(self) -> RowStore:
         rank, size = coll.world(self.group) if self.shard else (0, 1)
-        if self.store is not None and (rank, size) == (self.rank, self.world_size):
-            return self.store
-        if self.store is not None and self.world_size != 1:
+        if self._store is not None and (rank, size) == (self.rank, self.world_size):
+            return self._store
+        if self._store is not None and self.world_size != 1:
             raise RuntimeError(
                 f"classifier was built for rank {self.rank} of {self.world_size} but now runs "
                 f"as rank {rank} of {size}; reload a consolidated checkpoint"
@@ -131,8 +132,8 @@ class SampledClassifier(nn.Module):
                              f"{size} ranks (rank {rank} would own none)")  # fmt: skip
         kw = dict(mu=self.momentum, weight_decay=self.weight_decay, offload=self.offload)
         state = None
-        if self.store is not None:  # made before the process group existed: keep its rows
-            store, state = self.store.sliced(start, end), self._sampler.state_dict()
+        if self._store is not None:  # made before the process group existed: keep its rows
+            store, state = self._store.sliced(start, end), self._sampler.state_dict()
         elif self._initial is not None:
             store = RowStore(self._initial[start:end] if size > 1 else self._initial, start, **kw)
         else:
@@ -142,18 +143,12 @@ class SampledClassifier(nn.Module):
         self.rank, self.world_size = rank, size
         self._sampler = self._make_sampler(end - start, state)
         store.place(self._device)
-        self.store = store
+        self._store = store
         log.debug("rank %d/%d owns classes [%d, %d)", rank, size, start, end)
         return store
 
     def _make_sampler(self, n: int, state: dict | None) -> Sampler:
-        if self._factory is None:
-            if self.world_size > 1:
-                raise ValueError(
-                    f"classifier: under DDP ({self.world_size} ranks) the sampler must be a "
-                    "factory (num_classes=, metric=, seed=, num=) building each rank's, got "
-                    f"the built {self._given!r}"
-                )
+        if self._factory is None:  # a built Sampler: never sharded
             return self._given
         sampler, self._num = shard_sampler(self._factory, n, self._num, self.metric, self.seed,
                                            self.world_size, self.rank)  # fmt: skip
@@ -166,6 +161,11 @@ class SampledClassifier(nn.Module):
         """This rank's sampler over its classes (local ids 0..N_r-1; all N on one process)."""
         self._ensure()
         return self._sampler
+
+    @property
+    def store(self) -> RowStore:
+        """This rank's RowStore (rows [start, end); all N on one process), made on first use."""
+        return self._ensure()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -189,15 +189,15 @@ class SampledClassifier(nn.Module):
         if not 1 <= value <= self.num_classes:
             raise ValueError(f"classifier: num (M) = {value} must be in 1..{self.num_classes}")
         self._num = value
-        if self.store is not None:
-            self._sampler.num = local_num(value, self.store.num_rows, self.world_size, self.rank)
+        if self._store is not None:
+            self._sampler.num = local_num(value, self._store.num_rows, self.world_size, self.rank)
 
     # -- placement -------------------------------------------------------------------------
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
         super()._apply(fn, recurse)
         self._ensure().apply_(fn)
         if not self.offload:
-            self._device = self.store.weight.device
+            self._device = self._store.weight.device
         return self
 
     def place(self, device: torch.device | str) -> None:
