@@ -162,6 +162,11 @@ class SampledClassifier(nn.Module):
         self._ensure()
         return self._sampler
 
+    @sampler.setter
+    def sampler(self, value: Sampler) -> None:
+        """Swap in another built Sampler over this rank's classes (tests, experiments)."""
+        self._sampler = check_sampler(value, self._ensure().num_rows, self.metric)
+
     @property
     def store(self) -> RowStore:
         """This rank's RowStore (rows [start, end); all N on one process), made on first use."""
