@@ -47,6 +47,7 @@ from bench.common import (  # noqa: E402
     write_json,
 )
 from hf_softmax.classifier import SampledClassifier  # noqa: E402
+from hf_softmax.dense_classifier import DenseClassifier  # noqa: E402
 from hf_softmax.heads import build_head  # noqa: E402
 from hf_softmax.samplers import build_sampler  # noqa: E402
 
@@ -115,7 +116,7 @@ class Task:
 
 
 class _Host(nn.Module):
-    def __init__(self, classifier: SampledClassifier) -> None:
+    def __init__(self, classifier: SampledClassifier | DenseClassifier) -> None:
         super().__init__()
         self.classifier = classifier
 
@@ -133,7 +134,8 @@ def train_one(task: Task, sampler_name: str, fraction: float | None) -> RunResul
     if sampler_name == "hnsw":
         knobs = {"num_threads": 1, "m": 8, "ef_construction": 40}
     sampler = build_sampler(sampler_config(sampler_name, num, **knobs), n, head.metric, cfg.seed)
-    clf = SampledClassifier(n, cfg.dim, sampler, head, seed=cfg.seed)
+    kind = DenseClassifier if sampler.dense else SampledClassifier
+    clf = kind(n, cfg.dim, head, sampler, seed=cfg.seed)
     params = list(proj.parameters()) + (list(clf.parameters()) if sampler.dense else [])
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
     host = _Host(clf)
@@ -160,7 +162,7 @@ def train_one(task: Task, sampler_name: str, fraction: float | None) -> RunResul
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
-        clf.sparse_step(cfg.lr)
+        clf.step(out, cfg.lr)
         trainer.global_step += 1
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             te = time.perf_counter()
@@ -186,7 +188,9 @@ def train_one(task: Task, sampler_name: str, fraction: float | None) -> RunResul
 
 
 @torch.no_grad()
-def evaluate(task: Task, proj: nn.Module, clf: SampledClassifier) -> tuple[float, float]:
+def evaluate(
+    task: Task, proj: nn.Module, clf: SampledClassifier | DenseClassifier
+) -> tuple[float, float]:
     """Held-out top-1 (argmax over all N) and the top-1 of the family only."""
     feats = proj(task.test_inputs)
     pred = clf.predict(feats)

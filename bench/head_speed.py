@@ -58,8 +58,10 @@ from bench.common import (  # noqa: E402
     sync,
     write_json,
 )
-from hf_softmax.classifier import HeadOutput, SampledClassifier  # noqa: E402
+from hf_softmax.classifier import SampledClassifier  # noqa: E402
+from hf_softmax.dense_classifier import DenseClassifier  # noqa: E402
 from hf_softmax.heads import build_head  # noqa: E402
+from hf_softmax.output import ClassifierOutput  # noqa: E402
 from hf_softmax.samplers import build_sampler  # noqa: E402
 
 log = logging.getLogger("bench.head_speed")
@@ -139,8 +141,6 @@ class DenseUpdateClassifier(nn.Module):
     the lazy sparse update avoids. Same interface as ``SampledClassifier`` for ``HeadBench``.
     """
 
-    dense = True
-
     def __init__(self, sampler, head: nn.Module, weight: torch.Tensor) -> None:
         super().__init__()
         self.sampler = sampler
@@ -150,15 +150,16 @@ class DenseUpdateClassifier(nn.Module):
     def place(self, device: torch.device | str) -> None:
         self.to(device)
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> ClassifierOutput:
         """features (B, D), labels (B,) -> loss over the M active rows (logits (B, M))."""
         active = self.sampler.select(features.detach(), labels)
         rows = self.weight.index_select(0, active.ids.to(self.weight.device))  # (M, D)
         targets = active.targets.to(features.device, non_blocking=True)
         logits = self.head(features, rows, targets)
-        return HeadOutput(F.cross_entropy(logits, targets), logits, targets, active)
+        loss = F.cross_entropy(logits, targets)
+        return ClassifierOutput(loss, logits, targets, active, accuracy=loss.new_zeros(()))
 
-    def sparse_step(self, lr: float) -> None:  # the torch optimizer owns W
+    def step(self, out: ClassifierOutput, lr: float) -> None:  # the torch optimizer owns W
         pass
 
 
@@ -200,21 +201,25 @@ class HeadBench:
             if weight is None:
                 weight = torch.from_numpy(family_rows(n, d, seed=seed, scale=0.05))
             self.clf = DenseUpdateClassifier(sampler, head_module, weight)
+        elif sampler.dense:
+            self.clf = DenseClassifier(n, d, head_module, sampler, seed=seed, weight=weight)
+            if weight is None:  # W := class vectors in families (in place)
+                family_rows(n, d, seed=seed, scale=0.05, out=self.clf.weight.detach().numpy())
         else:
             self.clf = SampledClassifier(
-                n, d, sampler, head_module, offload=offload, seed=seed, weight=weight
+                n, d, head_module, sampler, offload=offload, seed=seed, weight=weight
             )
             if weight is not None:
                 pass  # W given: used as is
-            elif shared is not None and not sampler.dense:
-                self.clf.weight, self.clf.momentum_buffer = shared
+            elif shared is not None:
+                self.clf.store.weight, self.clf.store.momentum_buffer = shared
             else:
                 # W := class vectors in families (fills the classifier's own storage in place).
                 family_rows(n, d, seed=seed, scale=0.05, out=self.clf.weight.detach().numpy())
         self.clf.place(self.device)
         self.opt = (
             torch.optim.SGD(self.clf.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
-            if self.clf.dense
+            if isinstance(self.clf, (DenseClassifier, DenseUpdateClassifier))
             else None
         )
         rng = np.random.default_rng(seed + 1)
@@ -247,7 +252,7 @@ class HeadBench:
         sampler.select = timed_select  # type: ignore[method-assign]
 
     def shared_state(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.clf.weight, self.clf.momentum_buffer
+        return self.clf.store.weight, self.clf.store.momentum_buffer
 
     def build(self) -> float | None:
         sampler = self.clf.sampler
@@ -275,7 +280,7 @@ class HeadBench:
             self.opt.step()
             self.opt.zero_grad(set_to_none=False)
         else:
-            self.clf.sparse_step(LR)
+            self.clf.step(out, LR)
         sync(dev)
         t3 = time.perf_counter()
         sel = sw.splits["select"].pop() if not record else sw.splits["select"][-1]
@@ -364,7 +369,7 @@ def bench_point(
             knobs=knobs,
         )
         if interleave:
-            if shared is None and not hb.clf.dense:
+            if shared is None and isinstance(hb.clf, SampledClassifier):
                 shared = hb.shared_state()
             benches[s] = hb
         else:

@@ -183,7 +183,7 @@ def background_stall(
     n, d = w.shape
     head = build_head("linear")
     sampler = build_sampler(sampler_config(name, num), n, head.metric, seed)
-    clf = SampledClassifier(n, d, sampler, head, seed=seed)
+    clf = SampledClassifier(n, d, head, sampler, seed=seed)
     clf.weight.copy_(torch.from_numpy(w))
     host = _Host(clf)
     trainer = SimpleNamespace(global_step=0, training=False)
@@ -209,7 +209,7 @@ def background_stall(
         f, y = pool[i % len(pool)]
         out = clf(f.detach().requires_grad_(True), y)
         out.loss.backward()
-        clf.sparse_step(LR)
+        clf.step(out, LR)
         trainer.global_step += 1
         return time.perf_counter() - t0
 
@@ -219,7 +219,7 @@ def background_stall(
     if refresh_fraction is not None:
         clf.pop_touched()
         touched = rng.choice(n, int(refresh_fraction * n), replace=False)
-        clf._touched[torch.from_numpy(touched)] = True  # rows "updated since the last build"
+        clf.store.touched[torch.from_numpy(touched)] = True  # rows "updated since the last build"
     # trigger: the next step is a scheduled rebuild
     trainer.global_step = interval
     during: list[float] = []

@@ -288,7 +288,7 @@ class IndexRebuild(pl.Callback):
         for s, m in self.num_schedule:
             if s <= step:
                 num = m
-        # The classifier's M: under DDP the global M that ShardedClassifier splits over ranks.
+        # The classifier's M: under DDP the global M, split over the ranks.
         classifier = self._classifier(pl_module)
         if num is not None and num != classifier.num:
             log.info("num_schedule: M %d -> %d at step %d", classifier.num, num, step)

@@ -70,6 +70,10 @@ class ResumableSampler(DistributedSampler):
             self._resume = None
 
     def __iter__(self) -> Iterator[tuple[int, bool] | int]:
+        if self._resume is not None and self._resume[1] >= self.num_samples:
+            # resumed after the last item of an epoch: the iterator may be created before
+            # Lightning sets the next epoch (worker prefetch), so that epoch starts here
+            self.epoch, self._resume = self._resume[0] + 1, None
         indices = list(super().__iter__())  # (num_samples,) this rank's share of the epoch
         flips = np.random.default_rng([self.seed, self.epoch, self.rank]).random(len(indices))
         start = 0

@@ -27,10 +27,10 @@ from torch import nn
 
 from hf_softmax.classifier import SampledClassifier
 from hf_softmax.config_keys import upgrade_config
+from hf_softmax.dense_classifier import DenseClassifier
 from hf_softmax.heads import MarginHead
 from hf_softmax.module import HFSoftmaxModule, resolve_cfg
 from hf_softmax.samplers import Sampler, sampler_class
-from hf_softmax.sharded import ShardedClassifier
 
 SamplerPartial = Callable[..., Sampler]  # (num_classes=, metric=, seed=[, num=]) -> Sampler
 
@@ -59,30 +59,38 @@ def build_classifier(
     seed: int = 0,
 ) -> nn.Module:
     """The classifier over N rows of D, with the sampler the partial builds for the head's
-    metric. The rows follow the optimizer's momentum and weight decay (``optim_cfg``).
+    metric: a ``DenseClassifier`` for a dense sampler (``sampler=full``), else a
+    ``SampledClassifier`` whose rows follow the optimizer's momentum and weight decay.
 
-    sharded: split the rows by class over the DDP ranks (each rank's sampler over its block).
+    sharded: split the rows by class over the DDP ranks; rows and each rank's sampler (over its
+    block) are made on first use, once the process group exists. Otherwise they are made now,
+    so bad sampler knobs fail at construction.
     """
-    kw = dict(
+    common = dict(
         num_classes=int(num_classes),
         embedding_dim=int(embedding_dim),
         head=head,
-        momentum=float(optim_cfg.get("momentum", 0.0)),
-        weight_decay=float(optim_cfg.get("weight_decay", 0.0)),
-        offload=bool(classifier_cfg.get("offload", False)),
         init_std=float(classifier_cfg.get("init_std", 0.01)),
         seed=int(seed),
     )
-    if sharded:
-
-        def factory(n: int, m: int, shard_seed: int) -> Sampler:
-            return sampler_partial(num_classes=n, num=m, metric=head.metric, seed=shard_seed)
-
-        dense = sampler_class(_target_of(sampler_partial)).dense
-        num = num_classes if dense else _keywords(sampler_partial)["num"]
-        return ShardedClassifier(num=int(num), sampler=factory, **kw)
-    sampler = sampler_partial(num_classes=int(num_classes), metric=head.metric, seed=int(seed))
-    return SampledClassifier(sampler=sampler, **kw)
+    offload = bool(classifier_cfg.get("offload", False))
+    if sampler_class(_target_of(sampler_partial)).dense:
+        if offload:
+            raise ValueError("classifier.offload needs a sampled (non-dense) sampler, got 'full'")
+        sampler = sampler_partial(num_classes=int(num_classes), metric=head.metric, seed=int(seed))
+        return DenseClassifier(sampler=sampler, **common)
+    classifier = SampledClassifier(
+        sampler=sampler_partial,  # called with (num_classes=, metric=, seed=, num=) per shard
+        num=int(_keywords(sampler_partial)["num"]),
+        momentum=float(optim_cfg.get("momentum", 0.0)),
+        weight_decay=float(optim_cfg.get("weight_decay", 0.0)),
+        offload=offload,
+        shard=bool(sharded),
+        **common,
+    )
+    if not sharded:
+        classifier.place("cpu")
+    return classifier
 
 
 def _keywords(partial: SamplerPartial) -> dict[str, Any]:

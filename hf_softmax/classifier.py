@@ -1,144 +1,181 @@
-"""The sampled classifier: W (N, D) outside autograd, a softmax over M active rows per step.
+"""SampledClassifier: W outside autograd in a RowStore, a softmax over M active rows per step.
 
-Per step (``forward`` then ``sparse_step``):
+One step, on one process or on every rank of a process group in lockstep::
 
-1. ``sampler.select`` picks the active set A (|A| = M, unique positives first) and remaps the
-   labels into 0..M-1;
-2. W[A] (M, D) is gathered to the compute device — from pinned host memory with a
-   non-blocking copy when ``offload`` is on, so accelerator memory is O(M * D), not O(N * D);
-3. the head gives logits (B, M) with its margin, cross-entropy over the remapped labels;
-4. backward fills the gradient of the features and of the leaf W[A];
-5. ``sparse_step(lr)`` applies SGD with momentum and weight decay to the rows A only:
-   ``g = grad + wd * w;  v[A] = mu * v[A] + g;  W[A] = w - lr * v[A]`` — exactly what
-   ``torch.optim.SGD(momentum=mu, dampening=0, weight_decay=wd)`` does to those rows.
+    out = classifier(features, labels)   features (B_r, D), labels (B_r,) this rank's samples
+    out.loss.backward()                  grads of the features and of the leaf rows W[A]
+    classifier.step(out, lr)             lazy SGD momentum + wd on the rows A (RowStore.step_)
 
-Lazy updates: rows not in A get nothing that step — no weight decay and no momentum
-movement (a dense SGD would still shrink them by ``lr * wd * w`` and move them by their
-momentum). Their decay and remaining momentum are simply skipped, not deferred; this is
-the per-row parameter-server semantics of the original HF-Softmax. Only rows that were
-selected at least once ever move.
+``forward``: the batch is all-gathered (not on one process); this rank's sampler picks M_r
+(its share of M) of the classes it owns (all N on one process); logits (B, M_r) =
+head(F, W[A_r]); the loss is ``F.cross_entropy`` on one process, else the distributed softmax
+cross-entropy over the union of the ranks' active sets. The returned ``ClassifierOutput``
+holds what the update needs (the leaf rows, their local ids).
 
-With ``sampler.dense`` (the ``full`` sampler) none of this applies: W is an ordinary
-``nn.Parameter`` trained by the torch optimizer and the logits cover all N classes.
+Under DDP (``shard=True`` and an initialised process group of size R > 1) each rank owns
+the balanced block of classes ``shard_range(N, R, rank)``; its rows are never parameters, so
+DDP's all-reduce never sees them, and the all-gather backward scales this rank's feature
+gradient by R (``ddp_grad_scale``) so the backbone gets the gradient of the global-batch
+loss. The rows and the shard's sampler are made on first use (after Lightning has set up the
+process group); a store made before that (world size 1) is sliced to the rank's block.
+
+Checkpoints are consolidated: ``state_dict()`` (a collective under DDP: call it on every
+rank) gathers the full (N, D) ``weight``, ``momentum`` and ``touched`` to rank 0 (other ranks
+write (0, D)); loading takes this rank's block from the full tensors, so a checkpoint resumes
+with any world size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_softmax import rows as row_store
+from hf_softmax import collectives as coll
 from hf_softmax.heads import MarginHead
-from hf_softmax.samplers.base import ActiveSet, Sampler
+from hf_softmax.output import ClassifierOutput
+from hf_softmax.row_store import RowStore, initial_rows
+from hf_softmax.samplers.base import Sampler
+from hf_softmax.shard import (
+    SamplerFactory,
+    check_sampler,
+    load_sampler_tensors,
+    local_num,
+    margin_logits,
+    plain_hit,
+    sampler_tensors,
+    select_in_shard,
+    shard_sampler,
+)
 
 log = logging.getLogger(__name__)
 
-_EXTRA_KEYS = ("num_updates", "touched", "sampler_rng", "sampler_counters")
-
-
-@dataclass
-class HeadOutput:
-    """loss: scalar; logits: (B, M) with the head's margin; targets: (B,) int64 in 0..M-1 on
-    the logits' device; active: the ActiveSet (ids on CPU); rows: the gathered W[A] (M, D)
-    leaf whose ``.grad`` backward fills (None in dense mode or without grad).
-    accuracy: top-1 within the active set on the PLAIN logits (no margin: under CosFace or
-    ArcFace the margin logits rarely rank the target first), scalar, no grad."""
-
-    loss: torch.Tensor
-    logits: torch.Tensor
-    targets: torch.Tensor
-    active: ActiveSet
-    rows: torch.Tensor | None = None
-    accuracy: torch.Tensor | None = None
-
-
-@torch.no_grad()
-def plain_top1(
-    head: MarginHead, features: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor
-) -> torch.Tensor:
-    """features (B, D), rows (M, D), targets (B,) in 0..M-1 -> share of argmax == target, scalar.
-
-    The head's plain logits (no margin), recomputed: one extra (B, M) product without grad.
-    """
-    if targets.numel() == 0:
-        return features.new_zeros(())
-    logits = head.plain_logits(features.detach(), rows.detach())
-    return (logits.argmax(dim=1) == targets).float().mean()
+_KEYS = ("weight", "momentum", "num_updates", "touched", "sampler_rng", "sampler_counters")
 
 
 class SampledClassifier(nn.Module):
-    """N-way classifier whose rows live outside autograd and are updated sparsely.
+    """N-way classifier whose rows live in a RowStore and are updated sparsely.
 
-    W: (N, D) float32 and its momentum (N, D), plain tensors (not parameters or buffers),
-    saved in the state dict as ``weight`` and ``momentum`` with the update counter, the
-    touched-row mask and the sampler's RNG. ``offload``: W stays in host memory (pinned when
-    the compute device is CUDA); ``module.to(device)`` never moves it. Without offload,
-    ``module.to(device)`` (and ``place``) moves W and momentum with the module.
-    ``weight``: initial W (N, D) float32, used in place on its device (e.g. generated on the
-    GPU or in pinned memory for a 10^7-class benchmark); default N(0, ``init_std``) from ``seed``.
+    sampler: a built ``Sampler`` over all N classes (then never sharded), or a factory called
+    with ``num_classes=N_r, metric=, seed=`` (and ``num=M_r`` when ``num`` is known) that
+    builds the sampler of the rank's classes; seeds are ``seed + 1009 * rank``.
+    num: M, active classes per step summed over ranks (default: the sampler's).
+    weight: initial W (N, D) float32, used in place (device and pinning kept; sliced under
+    DDP); default N(0, ``init_std``) by seeded blocks (``row_store.initial_rows``).
+    shard: with a factory, split the rows over the ranks of ``group`` when it is initialised
+    with size > 1 (false: every rank keeps all N rows and issues no collective).
     """
 
     def __init__(
         self,
         num_classes: int,
         embedding_dim: int,
-        sampler: Sampler,
         head: MarginHead,
+        sampler: Sampler | SamplerFactory,
+        num: int | None = None,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         offload: bool = False,
         init_std: float = 0.01,
         seed: int = 0,
         weight: torch.Tensor | None = None,
+        shard: bool = True,
+        group: Any = None,
+        ddp_grad_scale: bool = True,
     ) -> None:
         super().__init__()
-        if sampler.num_classes != num_classes:
-            raise ValueError(
-                f"classifier: sampler has num_classes={sampler.num_classes}, expected {num_classes}"
-            )
-        if sampler.metric != head.metric:
-            raise ValueError(
-                f"classifier: sampler metric {sampler.metric!r} does not match head "
-                f"{type(head).__name__} metric {head.metric!r}"
-            )
-        if offload and sampler.dense:
-            raise ValueError("classifier: offload needs a sampled (non-dense) sampler, got 'full'")
-        self.num_classes = int(num_classes)
-        self.embedding_dim = int(embedding_dim)
-        self.sampler = sampler
+        if not isinstance(head, MarginHead):
+            raise TypeError(f"classifier: head must be a MarginHead, got {type(head).__name__}")
+        self.num_classes, self.embedding_dim = int(num_classes), int(embedding_dim)
         self.head = head
-        self.momentum = float(momentum)
-        self.weight_decay = float(weight_decay)
-        self.offload = bool(offload)
-        self.dense = bool(sampler.dense)
-        if weight is None:
-            gen = torch.Generator().manual_seed(seed)
-            w = torch.empty(num_classes, embedding_dim).normal_(0.0, init_std, generator=gen)
-        elif tuple(weight.shape) != (num_classes, embedding_dim):
+        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
+        self.offload, self.init_std, self.seed = bool(offload), float(init_std), int(seed)
+        self.group, self.ddp_grad_scale = group, bool(ddp_grad_scale)
+        if weight is not None and tuple(weight.shape) != (num_classes, embedding_dim):
             raise ValueError(
                 f"classifier: weight has shape {tuple(weight.shape)}, expected "
                 f"({num_classes}, {embedding_dim}) (num_classes, embedding_dim)"
             )
-        else:
-            w = weight.detach()  # used as is (no copy): its device and pinning are kept
-        if self.dense:
-            self.weight = nn.Parameter(w)
-            self.momentum_buffer: torch.Tensor | None = None
-        else:
-            self.weight = w  # plain attribute: outside autograd, parameters() and buffers()
-            # same place as W; pinned with a pinned W, so offload needs no second copy
-            self.momentum_buffer = torch.zeros(
-                w.shape, dtype=w.dtype, device=w.device, pin_memory=w.is_pinned()
+        self._initial = weight
+        self._given: Sampler | None = sampler if isinstance(sampler, Sampler) else None
+        self._factory = None if self._given is not None else sampler
+        self.shard = bool(shard) and self._factory is not None
+        if self._given is not None:
+            check_sampler(self._given, self.num_classes, head.metric)
+        self._num = int(num) if num is not None else (self._given.num if self._given else None)
+        if self._num is not None and not 1 <= self._num <= self.num_classes:
+            raise ValueError(f"classifier: num (M) = {num} must be in 1..{self.num_classes}")
+        self.rank, self.world_size = 0, 1
+        self._store: RowStore | None = None
+        self._sampler: Sampler | None = None
+        self._device = torch.device("cpu")
+
+    # -- rows and sampler, made on first use -----------------------------------------------
+    def _ensure(self) -> RowStore:
+        rank, size = coll.world(self.group) if self.shard else (0, 1)
+        if self._store is not None and (rank, size) == (self.rank, self.world_size):
+            return self._store
+        if self._store is not None and self.world_size != 1:
+            raise RuntimeError(
+                f"classifier was built for rank {self.rank} of {self.world_size} but now runs "
+                f"as rank {rank} of {size}; reload a consolidated checkpoint"
             )
-        self._touched = torch.zeros(num_classes, dtype=torch.bool)
-        self.num_updates = 0
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        start, end = coll.shard_range(self.num_classes, size, rank)
+        if end <= start:
+            raise ValueError(f"classifier: N = {self.num_classes} classes cannot be split over "
+                             f"{size} ranks (rank {rank} would own none)")  # fmt: skip
+        kw = dict(mu=self.momentum, weight_decay=self.weight_decay, offload=self.offload)
+        state = None
+        if self._store is not None:  # made before the process group existed: keep its rows
+            store, state = self._store.sliced(start, end), self._sampler.state_dict()
+        elif self._initial is not None:
+            store = RowStore(self._initial[start:end] if size > 1 else self._initial, start, **kw)
+        else:
+            w = initial_rows(start, end, self.num_classes, self.embedding_dim, self.init_std,
+                             self.seed)  # fmt: skip
+            store = RowStore(w, start, **kw)
+        self.rank, self.world_size = rank, size
+        self._sampler = self._make_sampler(end - start, state)
+        store.place(self._device)
+        self._store = store
+        log.debug("rank %d/%d owns classes [%d, %d)", rank, size, start, end)
+        return store
+
+    def _make_sampler(self, n: int, state: dict | None) -> Sampler:
+        if self._factory is None:  # a built Sampler: never sharded
+            return self._given
+        sampler, self._num = shard_sampler(self._factory, n, self._num, self.metric, self.seed,
+                                           self.world_size, self.rank)  # fmt: skip
+        if state is not None:
+            sampler.load_state_dict({**state, "num": sampler.num})
+        return sampler
+
+    @property
+    def sampler(self) -> Sampler:
+        """This rank's sampler over its classes (local ids 0..N_r-1; all N on one process)."""
+        self._ensure()
+        return self._sampler
+
+    @sampler.setter
+    def sampler(self, value: Sampler) -> None:
+        """Swap in another built Sampler over this rank's classes (tests, experiments)."""
+        self._sampler = check_sampler(value, self._ensure().num_rows, self.metric)
+
+    @property
+    def store(self) -> RowStore:
+        """This rank's RowStore (rows [start, end); all N on one process), made on first use."""
+        return self._ensure()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """This rank's rows W (N_r, D) (all N on one process); read-only view of the store."""
+        return self._ensure().weight
 
     @property
     def metric(self) -> str:
@@ -146,140 +183,144 @@ class SampledClassifier(nn.Module):
 
     @property
     def num(self) -> int:
-        """M, active classes per step (the sampler's; ShardedClassifier has the same knob)."""
-        return self.sampler.num
+        """M: active classes per step summed over ranks (the ``num_schedule`` sets it)."""
+        if self._num is None:
+            self._ensure()
+        return self._num
 
     @num.setter
     def num(self, value: int) -> None:
-        self.sampler.num = value
+        value = int(value)
+        if not 1 <= value <= self.num_classes:
+            raise ValueError(f"classifier: num (M) = {value} must be in 1..{self.num_classes}")
+        self._num = value
+        if self._store is not None:
+            self._sampler.num = local_num(value, self._store.num_rows, self.world_size, self.rank)
 
     # -- placement -------------------------------------------------------------------------
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
         super()._apply(fn, recurse)
-        if not self.dense and not self.offload:
-            self.weight = fn(self.weight)
-            self.momentum_buffer = fn(self.momentum_buffer)
+        self._ensure().apply_(fn)
+        if not self.offload:
+            self._device = self._store.weight.device
         return self
 
     def place(self, device: torch.device | str) -> None:
-        """Put W where it should live for compute on ``device``.
-
-        Non-offload: W and momentum move to ``device``. Offload: they stay in host memory,
-        pinned when ``device`` is CUDA so the per-step gathers can copy asynchronously.
-        """
-        device = torch.device(device)
-        if self.dense or not self.offload:
-            self.to(device)
-            return
-        self.weight, self.momentum_buffer = row_store.place_rows(
-            self.weight, self.momentum_buffer, device, offload=True
-        )
-        self.head.to(device)
+        """Rows where they live for compute on ``device``: there, or (offload) in host memory,
+        pinned for CUDA, with only W[A] (M_r, D) copied per step."""
+        self._device = torch.device(device)
+        self.head.to(self._device)
+        self._ensure().place(self._device)
 
     # -- training --------------------------------------------------------------------------
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
-        """features (B, D), labels (B,) int64 in 0..N-1 -> HeadOutput (logits (B, M))."""
-        active = self.sampler.select(features.detach(), labels)
-        if self.dense:
-            targets = labels.to(features.device)
-            logits = self.head(features, self.weight, targets)
-            acc = plain_top1(self.head, features, self.weight, targets)
-            return HeadOutput(F.cross_entropy(logits, targets), logits, targets, active, None, acc)
-        leaf = row_store.gather_leaf(self.weight, active.ids, features.device)
-        track = leaf.requires_grad
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> ClassifierOutput:
+        """features (B_r, D), labels (B_r,) int64 in 0..N-1 -> ClassifierOutput (collective
+        under DDP)."""
+        store = self._ensure()
+        labels = labels.to(features.device, torch.int64).view(-1)
+        feats, all_labels = features, labels  # (B, D), (B,): every rank's samples
+        if self.world_size > 1:
+            scale = float(self.world_size) if self.ddp_grad_scale else 1.0
+            feats, all_labels = coll.gather_batch(features, labels, self.group, scale)
+        if self.world_size == 1:
+            active = self._sampler.select(feats.detach(), all_labels)
+        else:  # local ids; targets into them or -1
+            active = select_in_shard(self._sampler, feats.detach(), all_labels, *store.range)
+        leaf = store.gather(active.ids, features.device)  # W[A_r] (M_r, D)
         targets = active.targets.to(features.device, non_blocking=True)
-        logits = self.head(features, leaf, targets)
+        logits = margin_logits(self.head, feats, leaf, targets)
         if active.logit_adjust is not None:  # sampling correction (loss only; see Sampler)
             logits = logits + active.logit_adjust.to(logits.device, logits.dtype)
-        loss = F.cross_entropy(logits, targets)
-        self._pending = (active.ids, leaf) if track else None
-        acc = plain_top1(self.head, features, leaf, targets)
-        return HeadOutput(loss, logits, targets, active, leaf if track else None, acc)
+        if self.world_size == 1:
+            loss = F.cross_entropy(logits, targets)
+        else:  # float32 softmax statistics even when autocast made the logits bf16
+            loss = coll.DistributedCrossEntropy.apply(logits.float(), targets, self.group)
+        hit = plain_hit(self.head, feats, leaf, targets, self.group, self.world_size > 1)
+        shown = dataclasses.replace(active, ids=active.ids + store.start)
+        rows = leaf if leaf.requires_grad else None
+        return ClassifierOutput(loss, logits, targets, shown, hit.float().mean(), rows, active.ids)
 
     @torch.no_grad()
-    def sparse_step(self, lr: float) -> None:
-        """After backward: SGD with momentum + weight decay on the active rows only (lazy).
+    def step(self, out: ClassifierOutput, lr: float) -> None:
+        """After backward: SGD momentum + weight decay on the rows of ``out`` only (lazy).
 
-        No-op in dense mode (the torch optimizer owns W) or when the last forward kept no
-        gradient. Call once per forward, with the learning rate of the current schedule.
+        No-op when the forward kept no gradient; a second step on the same output raises.
         """
-        if self.dense:
+        if out.stepped:
+            raise RuntimeError("classifier.step: this output's rows were already updated")
+        if out.rows is None or out.rows.grad is None:
             return
-        pending, self._pending = self._pending, None
-        w, v, touched = self.weight, self.momentum_buffer, self._touched
-        if row_store.step_pending_(pending, w, v, touched, lr, self.momentum, self.weight_decay):
-            self.num_updates += 1
+        self._ensure().step_(out.row_ids, out.rows.grad, lr)
+        out.stepped = True
 
-    # -- index support ---------------------------------------------------------------------
+    def nonfinite_rows(self, out: ClassifierOutput) -> list[int]:
+        """Up to 10 global ids of ``out``'s rows that hold NaN/Inf now (after the step)."""
+        store = self._ensure()
+        with torch.no_grad():
+            ok = torch.isfinite(store.weight[out.row_ids.to(store.weight.device)]).all(dim=1)
+        return (out.row_ids[~ok.cpu()][:10] + store.start).tolist()
+
+    # -- index support (local to the rank) -------------------------------------------------
     def snapshot_weights(self) -> np.ndarray:
-        """(N, D) float32 CPU copy of W for index building (safe to read from a thread)."""
-        return row_store.snapshot_rows(self.weight)
+        """(N_r, D) float32 CPU copy of this rank's rows (its sampler's index is built on it)."""
+        return self._ensure().snapshot()
 
     def pop_touched(self) -> np.ndarray:
-        """Sorted class ids updated since the last call (for an hnsw refresh); resets the mask."""
-        if self.dense:
-            return np.arange(self.num_classes, dtype=np.int64)
-        return row_store.pop_touched(self._touched)
+        """Sorted LOCAL ids updated since the last call; resets the mask."""
+        return self._ensure().pop_touched()
 
     @torch.no_grad()
     def predict(self, features: torch.Tensor, chunk_size: int = 65536) -> torch.Tensor:
-        """features (B, D) -> (B,) int64 argmax over all N classes (plain logits), chunked."""
-        return row_store.argmax_rows(features, self.weight, self.head, chunk_size)[1]
+        """features (B_r, D) -> (B_r,) int64 argmax over all N classes on the plain logits,
+        rows chunked; under DDP a collective: the best of the ranks' bests (ties: lowest id)."""
+        store = self._ensure()
+        if self.world_size == 1:
+            return store.argmax(features, self.head, chunk_size)[1]
+        feats, sizes = coll.gather_rows_of_batch(features, self.group)
+        best, best_ids = store.argmax(feats, self.head, chunk_size)
+        return coll.my_rows(coll.merge_argmax(best, best_ids, self.group), sizes, self.rank)
 
-    # -- checkpoint ------------------------------------------------------------------------
-    def _own_keys(self) -> tuple[str, ...]:
-        return _EXTRA_KEYS if self.dense else ("weight", "momentum", *_EXTRA_KEYS)
+    @torch.no_grad()
+    def topk(self, features: torch.Tensor, k: int, chunk_size: int = 65536) -> torch.Tensor:
+        """features (B_r, D) -> (B_r, k) int64 class ids of the k best plain logits over all N
+        classes, best first (k capped at N); a collective under DDP."""
+        store, k = self._ensure(), min(int(k), self.num_classes)
+        if self.world_size == 1:
+            return store.topk(features, self.head, k, chunk_size)[1]
+        feats, sizes = coll.gather_rows_of_batch(features, self.group)
+        values, ids = store.topk(feats, self.head, k, chunk_size)  # (B, k_r), k_r <= k
+        return coll.my_rows(coll.merge_topk(values, ids, k, self.group), sizes, self.rank)
 
+    # -- consolidated checkpoint -----------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)  # dense: the weight Parameter
-        if not self.dense:
-            destination[prefix + "weight"] = self.weight.detach()
-            destination[prefix + "momentum"] = self.momentum_buffer.detach()
-        s = self.sampler.state_dict()
-        destination[prefix + "num_updates"] = torch.tensor(self.num_updates, dtype=torch.int64)
-        destination[prefix + "touched"] = self._touched.clone()
-        destination[prefix + "sampler_rng"] = s["rng"].clone()
-        destination[prefix + "sampler_counters"] = torch.tensor(
-            [s["num"], s["num_selects"], s["num_fallbacks"], s["num_swaps"]], dtype=torch.int64
-        )
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        state = self._ensure().state()
+        for key in ("weight", "momentum", "num_updates", "touched"):
+            value = state[key]
+            if self.world_size > 1 and key != "num_updates":
+                value = coll.consolidate(value, self.num_classes, self.group)
+            destination[prefix + key] = value
+        for key, value in sampler_tensors(self._sampler, self.num).items():
+            destination[prefix + key] = value  # rank 0's RNG stream
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        own, found = row_store.pick_state(
-            state_dict, prefix, self._own_keys(), strict, missing_keys
-        )
-        row_store.load_rows_(
-            {"weight": self.weight, "momentum": self.momentum_buffer},
-            found,
-            (self.num_classes, self.embedding_dim),
-            slice(None),
-            prefix,
-            "classifier expects",
-            error_msgs,
-        )
-        if "num_updates" in found:
-            self.num_updates = int(found["num_updates"])
-        if "touched" in found and found["touched"].numel() == self.num_classes:
-            self._touched.copy_(found["touched"].to(torch.bool))
-        if "sampler_rng" in found and "sampler_counters" in found:
-            num, selects, fallbacks, swaps = (int(x) for x in found["sampler_counters"])
-            self.sampler.load_state_dict(
-                {
-                    "rng": found["sampler_rng"],
-                    "num": num if not self.dense else self.num_classes,
-                    "num_selects": selects,
-                    "num_fallbacks": fallbacks,
-                    "num_swaps": swaps,
-                }
-            )
+        store = self._ensure()
+        found = {k: state_dict[prefix + k] for k in _KEYS if prefix + k in state_dict}
+        # a dense checkpoint (sampler=full) has no momentum: it starts at zero
+        missing_keys += [prefix + k for k in _KEYS if strict and k not in found and k != "momentum"]
+        store.load_full_(found, self.num_classes, prefix, error_msgs)
+        if "sampler_counters" in found:
+            self.num = min(max(int(found["sampler_counters"][0]), 1), self.num_classes)
+            load_sampler_tensors(self._sampler, found, self.rank)
+        own = {prefix + k for k in _KEYS}
         rest = {k: v for k, v in state_dict.items() if k not in own}
         super()._load_from_state_dict(
             rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
-            f"sampler={self.sampler!r}, offload={self.offload}, dense={self.dense}"
-        )
+        shard = f", rank={self.rank}/{self.world_size}" if self.world_size > 1 else ""
+        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
+                f"num={self._num}, offload={self.offload}{shard}")  # fmt: skip

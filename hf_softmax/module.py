@@ -6,7 +6,7 @@ One training step (manual optimization, so the sparse classifier follows the sam
     out = classifier(features, labels)          # active set A (|A| = M), logits (B, M), loss
     backward                                     # grads to backbone params and to W[A]
     optimizer.step()                             # SGD on the backbone (and W when dense "full")
-    classifier.sparse_step(lr)                   # SGD momentum + wd on rows A only, same lr
+    classifier.step(out, lr)                     # SGD momentum + wd on rows A only, same lr
     scheduler.step()                             # linear warmup, then cosine / step, per step
 
 Logged per step: ``train/loss``, ``train/acc`` (top-1 within the active set on the plain
@@ -14,13 +14,15 @@ logits, no margin), ``train/acc_full`` every ``validation.acc_full_every`` steps
 all N rows on the batch's features, ``classifier.predict``), ``lr``, ``train/active_size``.
 
 Validation (one DataLoader per name in ``datamodule.val_names``):
-  "holdout": closed-set top-1 and top-5 over all N classes (plain logits, chunked;
-  sharded under DDP: top-1 only, ``classifier.predict``);
+  "holdout": closed-set top-1 and top-5 over all N classes (plain logits, chunked,
+  ``classifier.topk``);
   each .bin set: embeddings f(x) (+ f(flip x) when ``validation.flip``, which defaults to
   ``data.flip``) of the 2P images -> 10-fold verification
   accuracy (``metrics.verification_metrics``), logged as ``val/<name>/acc`` etc.
 
-The checkpoint holds backbone, W, momentum (``classifier.*``), optimizer, scheduler, the
+The classifier (``build_classifier``): ``SampledClassifier`` (rows split by class over the
+ranks under DDP), or ``DenseClassifier`` for ``sampler=full``. The checkpoint holds
+backbone, W, momentum (``classifier.*``), optimizer, scheduler, the
 sampler's RNG/counters and the full resolved cfg (``hyper_parameters["cfg"]``) so
 ``evaluate.py`` can rebuild the backbone.
 """
@@ -28,31 +30,20 @@ sampler's RNG/counters and the full resolved cfg (``hyper_parameters["cfg"]``) s
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from hf_softmax.evaluation.embed import flip_embed
-from hf_softmax.metrics import verification_metrics
-from hf_softmax.rows import topk_rows
-from hf_softmax.sharded import ShardedClassifier
+from hf_softmax.schedule import seed_epoch
+from hf_softmax.validation import ValidationEpoch
 
 log = logging.getLogger(__name__)
-
-
-def seed_epoch(seed: int, epoch: int) -> None:
-    """Seed torch, numpy and random from (seed, epoch)."""
-    value = (int(seed) * 1_000_003 + int(epoch) * 7919 + 17) % (2**32)
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
 
 
 class NonFiniteError(FloatingPointError):
@@ -87,8 +78,9 @@ def resolve_cfg(cfg: Mapping | DictConfig) -> dict[str, Any]:
 class HFSoftmaxModule(pl.LightningModule):
     """Backbone + classifier trained with manual optimisation; built objects in.
 
-    backbone: images (B, C, H, W) -> features (B, D). classifier: a ``SampledClassifier`` or
-    ``ShardedClassifier`` over N rows (``hf_softmax.build.build_classifier``).
+    backbone: images (B, C, H, W) -> features (B, D). classifier: a ``SampledClassifier`` (one
+    rank or class-sharded over many) or a ``DenseClassifier`` over N rows
+    (``hf_softmax.build.build_classifier``).
     optimizer: a partial called with the trainable parameters (``conf/optim``); scheduler: a
     partial called with (optimizer, estimated_steps, steps_per_epoch) (``conf/scheduler``;
     estimated_steps is a callable: asking the trainer sets up the train loader).
@@ -122,7 +114,6 @@ class HFSoftmaxModule(pl.LightningModule):
         self.classifier = classifier
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.sharded = isinstance(classifier, ShardedClassifier)
         self.grad_clip = None if grad_clip is None else float(grad_clip)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.nonfinite_skipped = 0
@@ -132,13 +123,11 @@ class HFSoftmaxModule(pl.LightningModule):
         self.val_nfolds = int(val_nfolds)
         self.predict_chunk = int(predict_chunk)
         self._last_step_time: float | None = None
-        self._first_epoch_of_fit = False
-        self._val: dict[str, Any] = {}
+        self._val = ValidationEpoch(self.val_nfolds)
 
     # -- placement -------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         self.classifier.place(self.device)
-        self._first_epoch_of_fit = True
 
     def on_validation_start(self) -> None:
         self.classifier.place(self.device)
@@ -213,11 +202,11 @@ class HFSoftmaxModule(pl.LightningModule):
                 opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm"
             )
         opt.step()
-        self.classifier.sparse_step(lr)
+        self.classifier.step(out, lr)
         sched.step()
-        # H7 (DDP): a sharded output's active ids are global; its rows are indexed locally
-        local_ids = getattr(out, "local_ids", None)
-        self._check_rows(out.active.ids if local_ids is None else local_ids, batch_idx)
+        bad = self.classifier.nonfinite_rows(out)
+        if bad:
+            self._nonfinite(f"classifier rows {bad}", batch_idx)
 
         now = time.perf_counter()
         acc = out.accuracy  # plain logits within the active set (sharded: over all ranks')
@@ -232,33 +221,19 @@ class HFSoftmaxModule(pl.LightningModule):
             self.log("train/samples_per_s", bsz / dt, on_step=True, on_epoch=False,
                      batch_size=bsz)  # fmt: skip
         self._last_step_time = now
-        # features / active_ids: for callbacks (recall probe of IndexRebuild) and tests
-        return {"loss": loss.detach(), "features": features.detach(), "active_ids": out.active.ids}
-
-    def _check_rows(self, ids: torch.Tensor, batch_idx: int) -> None:
-        weight = getattr(self.classifier, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            return
-        with torch.no_grad():
-            rows = weight[ids.to(weight.device)]
-            if not bool(torch.isfinite(rows).all()):
-                bad = ids[~torch.isfinite(rows).all(dim=1).cpu()][:10].tolist()
-                self._nonfinite(f"classifier rows {bad}", batch_idx)
+        # for callbacks (recall probe of IndexRebuild) and tests: the features, the active
+        # class ids, and the rows the step updated (local ids) with their gradient
+        grad = out.rows.grad if out.rows is not None else None
+        return {"loss": loss.detach(), "features": features.detach(), "active_ids": out.active.ids,
+                "row_ids": out.row_ids, "row_grad": grad}  # fmt: skip
 
     def on_train_epoch_start(self) -> None:
         self._last_step_time = None  # do not count data-loader start-up as step time
-        # RecordDataModule's order and flips depend on (seed, epoch) only and resume mid-epoch
-        # (data.datamodule.ResumableSampler). Other loaders draw from the global RNGs when
-        # their iterator is created: reseeding from (seed, epoch) and creating the epoch's
-        # iterator right after makes their epochs independent of history too, so a run resumed
-        # at an epoch boundary sees the same batches. Lightning creates the first iterator of
-        # a fit before this hook (and before it sets the sampler's epoch), so it is re-created.
+        # The global RNGs (dropout, augmentations drawn in this process) follow (seed, epoch),
+        # so an epoch does not depend on history. The loader's order and flips do not use
+        # them: RecordDataModule's ResumableSampler derives them from (seed, epoch) and
+        # resumes mid-epoch and at epoch boundaries whenever Lightning creates its iterator.
         seed_epoch(self.seed, self.current_epoch)
-        if self._first_epoch_of_fit:
-            self._first_epoch_of_fit = False
-            fetcher = getattr(self.trainer.fit_loop, "_data_fetcher", None)
-            if fetcher is not None and getattr(fetcher, "_combined_loader", None) is not None:
-                iter(fetcher)
 
     # -- validation ------------------------------------------------------------------------
     def _val_name(self, dataloader_idx: int) -> str:
@@ -267,29 +242,17 @@ class HFSoftmaxModule(pl.LightningModule):
         return names[dataloader_idx] if dataloader_idx < len(names) else f"val{dataloader_idx}"
 
     def on_validation_epoch_start(self) -> None:
-        self._val = {}
+        self._val = ValidationEpoch(self.val_nfolds)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, second = batch[0], batch[1]
         name = self._val_name(dataloader_idx)
-        if name == "holdout":  # second: labels (B,)
-            features = self.backbone(images)  # (B, D)
-            acc = self._val.setdefault(name, [0, 0, 0])  # top-1 hits, top-5 hits, images
-            if self.sharded:  # H7 (DDP): top-1 only (predict is the collective over shards)
-                pred = self.classifier.predict(features, chunk_size=self.predict_chunk)
-                hits = (pred.to(second.device) == second)[:, None]  # (B, 1)
-            else:
-                _, top = topk_rows(features, self.classifier.weight, self.classifier.head, 5,
-                                   self.predict_chunk)  # fmt: skip
-                hits = top.to(second.device) == second[:, None]  # (B, k) best first
-            acc[0] += int(hits[:, 0].sum())
-            acc[1] += int(hits.any(dim=1).sum())
-            acc[2] += int(second.numel())
+        if name == "holdout":  # second: labels (B,); topk is a collective under DDP
+            top = self.classifier.topk(self.backbone(images), 5, self.predict_chunk)
+            self._val.add_holdout(name, top, second)
             return
         emb = flip_embed(self.backbone, images, self.val_flip)  # (B, D); second: .bin index (B,)
-        store = self._val.setdefault(name, ([], []))
-        store[0].append(second.detach().to("cpu", torch.int64))
-        store[1].append(emb.detach().float().cpu())
+        self._val.add_embeddings(name, second, emb)
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         if self.trainer.world_size <= 1:
@@ -298,54 +261,18 @@ class HFSoftmaxModule(pl.LightningModule):
         return g.reshape(-1, *t.shape[1:]).cpu()
 
     def on_validation_epoch_end(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        sets = getattr(dm, "verification_sets", {}) or {}
-        for name, value in self._val.items():
-            if name == "holdout":
-                counts = self._gather(torch.tensor([value], dtype=torch.float64)).sum(0)
-                self.log("val/holdout/top1", float(counts[0] / max(counts[2], 1)), prog_bar=True)
-                if not self.sharded:
-                    self.log("val/holdout/top5", float(counts[1] / max(counts[2], 1)))
-                continue
-            if name not in sets:
-                log.warning("no verification set %r in the datamodule; skipped", name)
-                continue
-            index = self._gather(torch.cat(value[0]))
-            emb = self._gather(torch.cat(value[1]))
-            metrics = self.verification(emb, index, np.asarray(sets[name].issame, dtype=bool))
-            for key, v in metrics.items():
-                self.log(f"val/{name}/{key}", float(v), prog_bar=(key == "acc"))
-        self._val = {}
-
-    def verification(
-        self, emb: torch.Tensor, index: torch.Tensor, issame: np.ndarray
-    ) -> dict[str, float]:
-        """emb (n, D) of images ``index`` (n,) of a .bin with issame (P,) -> metrics.
-
-        Pairs with an image missing (partial validation runs) are left out.
-        """
-        num_pairs = len(issame)
-        full = torch.zeros(2 * num_pairs, emb.shape[1])
-        seen = torch.zeros(2 * num_pairs, dtype=torch.bool)
-        full[index] = emb
-        seen[index] = True
-        ok = (seen[0::2] & seen[1::2]).numpy()
-        if ok.sum() < 2:
-            return {}
-        e1, e2 = full[0::2][ok].numpy(), full[1::2][ok].numpy()
-        return verification_metrics(e1, e2, issame[ok], nfolds=self.val_nfolds)
+        sets = getattr(getattr(self.trainer, "datamodule", None), "verification_sets", {}) or {}
+        for key, value, bar in self._val.results(self._gather, sets):
+            self.log(key, value, prog_bar=bar)
+        self._val = ValidationEpoch(self.val_nfolds)
 
     # -- checkpoint ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.last_saved_step = int(checkpoint.get("global_step", self.global_step))
+        # the sampler's RNG and counters are in the classifier's state dict
         checkpoint["hf_softmax"] = {"nonfinite_skipped": self.nonfinite_skipped}
-        # H7 (DDP): a sharded classifier keeps its samplers' state in its own (consolidated)
-        # state dict; one rank's sampler state here would be wrong for other world sizes.
-        if not self.sharded:
-            checkpoint["hf_softmax"]["sampler"] = self.classifier.sampler.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # older checkpoints also hold "sampler" here: the same state as the classifier's
         state = checkpoint.get("hf_softmax") or {}
-        if "sampler" in state and not self.sharded:  # H7 (DDP)
-            self.classifier.sampler.load_state_dict(state["sampler"])
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))

@@ -1,4 +1,5 @@
-"""Learning-rate schedule: linear warmup, then cosine / step / constant, per optimizer step.
+"""Learning-rate schedule (linear warmup, then cosine / step / constant, per optimizer step)
+and the per-epoch seeding of training.
 
 ``conf/scheduler/<kind>.yaml`` targets ``warmup_scheduler`` with ``_partial_: true``; the
 module calls the partial with the optimizer, the trainer's estimated number of steps and the
@@ -9,12 +10,22 @@ optimizer's first group each step, so they follow the same schedule.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 SCHEDULES = ("cosine", "step", "constant")
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Seed torch, numpy and random from (seed, epoch)."""
+    value = (int(seed) * 1_000_003 + int(epoch) * 7919 + 17) % (2**32)
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
 
 
 @dataclass

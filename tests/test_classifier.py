@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_softmax.classifier import SampledClassifier
+from hf_softmax.dense_classifier import DenseClassifier
 from hf_softmax.heads import build_head
 from hf_softmax.samplers import build_sampler
 
@@ -17,7 +18,9 @@ N, D, B = 40, 8, 6
 def make(sampler="random", num=15, head="cosface", seed=0, **kw):
     h = build_head(head) if head != "linear" else build_head("linear")
     s = build_sampler({"name": sampler, "num": num}, N, h.metric, seed=seed)
-    return SampledClassifier(N, D, s, h, seed=seed, **kw)
+    if s.dense:
+        return DenseClassifier(N, D, h, s, seed=seed)
+    return SampledClassifier(N, D, h, s, seed=seed, **kw)
 
 
 def batches(steps, seed=1):
@@ -40,7 +43,7 @@ def test_sparse_step_equals_torch_sgd_on_touched_rows(head):
     for feats, labels in batches(5):
         out = clf(feats, labels)
         out.loss.backward()
-        clf.sparse_step(lr)
+        clf.step(out, lr)
         ids = out.active.ids.tolist()
         touched.update(ids)
         opt.zero_grad(set_to_none=True)
@@ -54,7 +57,7 @@ def test_sparse_step_equals_torch_sgd_on_touched_rows(head):
         torch.testing.assert_close(clf.weight[i], rows[i].detach(), rtol=1e-6, atol=1e-7)
         buf = opt.state[rows[i]].get("momentum_buffer")
         expected = torch.zeros(D) if buf is None else buf
-        torch.testing.assert_close(clf.momentum_buffer[i], expected, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(clf.store.momentum_buffer[i], expected, rtol=1e-6, atol=1e-7)
     assert set(clf.pop_touched().tolist()) == touched and clf.pop_touched().size == 0
 
 
@@ -83,9 +86,12 @@ def test_offload_and_resident_are_identical_on_cpu():
     a, b = make(offload=True), make(offload=False)
     for feats, labels in batches(4):
         for clf in (a, b):
-            clf(feats, labels).loss.backward()
-            clf.sparse_step(0.1)
-    assert torch.equal(a.weight, b.weight) and torch.equal(a.momentum_buffer, b.momentum_buffer)
+            out = clf(feats, labels)
+            out.loss.backward()
+            clf.step(out, 0.1)
+    assert torch.equal(a.weight, b.weight) and torch.equal(
+        a.store.momentum_buffer, b.store.momentum_buffer
+    )
 
 
 def test_module_to_moves_rows_only_without_offload():
@@ -95,15 +101,17 @@ def test_module_to_moves_rows_only_without_offload():
     assert resident.weight.dtype == torch.float64  # follows the module
     assert offloaded.weight.dtype == torch.float32  # stays where it lives
     assert not any(p is resident.weight for p in resident.parameters())
-    with pytest.raises(ValueError, match="offload needs a sampled"):
-        make("full", offload=True)
+    full = build_sampler({"name": "full", "num": N}, N, "cosine")
+    with pytest.raises(ValueError, match="sampler 'full' trains a DenseClassifier"):
+        SampledClassifier(N, D, build_head("cosface"), full, offload=True)
 
 
 def test_state_dict_round_trip_through_torch_save():
     clf = make("random")
     for feats, labels in batches(3):
-        clf(feats, labels).loss.backward()
-        clf.sparse_step(0.1)
+        out = clf(feats, labels)
+        out.loss.backward()
+        clf.step(out, 0.1)
     buf = io.BytesIO()
     torch.save(clf.state_dict(), buf)
     buf.seek(0)
@@ -112,8 +120,8 @@ def test_state_dict_round_trip_through_torch_save():
     fresh = make("random", seed=7)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.weight, clf.weight)
-    assert torch.equal(fresh.momentum_buffer, clf.momentum_buffer)
-    assert fresh.num_updates == 3 and fresh.sampler.num_selects == 3
+    assert torch.equal(fresh.store.momentum_buffer, clf.store.momentum_buffer)
+    assert fresh.store.num_updates == 3 and fresh.sampler.num_selects == 3
     feats, labels = batches(1, seed=9)[0]
     assert torch.equal(fresh(feats, labels).active.ids, clf(feats, labels).active.ids)
     bad = dict(state, weight=torch.zeros(N + 1, D))
@@ -138,16 +146,25 @@ def test_no_grad_forward_keeps_no_pending_step():
     with torch.no_grad():
         out = clf(*batches(1)[0])
     assert out.rows is None
-    clf.sparse_step(0.1)
-    assert torch.equal(clf.weight, before) and clf.num_updates == 0
+    clf.step(out, 0.1)
+    assert torch.equal(clf.weight, before) and clf.store.num_updates == 0
 
 
 def test_given_weight_is_used_in_place():
     w = torch.randn(N, D)
     h = build_head("cosface")
-    clf = SampledClassifier(N, D, build_sampler({"name": "random", "num": 15}, N, h.metric), h,
+    clf = SampledClassifier(N, D, h, build_sampler({"name": "random", "num": 15}, N, h.metric),
                             weight=w)  # fmt: skip
     assert clf.weight.data_ptr() == w.data_ptr()
-    assert torch.equal(clf.momentum_buffer, torch.zeros(N, D))
+    assert torch.equal(clf.store.momentum_buffer, torch.zeros(N, D))
     with pytest.raises(ValueError, match=r"weight has shape \(3, 8\)"):
-        SampledClassifier(N, D, clf.sampler, h, weight=torch.zeros(3, D))
+        SampledClassifier(N, D, h, clf.sampler, weight=torch.zeros(3, D))
+
+
+def test_step_twice_on_one_output_raises():
+    clf = make()
+    out = clf(*batches(1)[0])
+    out.loss.backward()
+    clf.step(out, 0.1)
+    with pytest.raises(RuntimeError, match="already updated"):
+        clf.step(out, 0.1)

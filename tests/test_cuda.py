@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hf_softmax.build import build_module
-from hf_softmax.rows import sparse_sgd_
+from hf_softmax.row_store import RowStore
 from tests.conftest import module_cfg, step_losses
 
 pytestmark = [
@@ -36,7 +36,7 @@ def test_offload_keeps_rows_pinned_on_host_and_moves_only_active_rows():
     clf.place(CUDA)
     d = clf.embedding_dim
     assert clf.weight.device.type == "cpu" and clf.weight.is_pinned()
-    assert clf.momentum_buffer.device.type == "cpu" and clf.momentum_buffer.is_pinned()
+    assert clf.store.momentum_buffer.device.type == "cpu" and clf.store.momentum_buffer.is_pinned()
     cfg.classifier.offload = False
     ref = build_module(cfg, n).classifier  # same seed: same W, same sampler RNG; on CPU
     assert torch.equal(ref.weight, clf.weight)
@@ -49,7 +49,7 @@ def test_offload_keeps_rows_pinned_on_host_and_moves_only_active_rows():
     out = clf(feats.to(CUDA).requires_grad_(True), labels.to(CUDA))
     assert out.rows.device.type == "cuda" and out.rows.shape == (m, d)
     out.loss.backward()
-    clf.sparse_step(0.1)
+    clf.step(out, 0.1)
     torch.cuda.synchronize()
     # only O(M * D + B * M) crossed to the device, never the N x D rows (25.6 MB here)
     assert torch.cuda.max_memory_allocated() - base < n * d * 4 / 20
@@ -57,29 +57,36 @@ def test_offload_keeps_rows_pinned_on_host_and_moves_only_active_rows():
 
     out_ref = ref(feats.clone().requires_grad_(True), labels)
     out_ref.loss.backward()
-    ref.sparse_step(0.1)
+    ref.step(out_ref, 0.1)
     assert torch.equal(out.active.ids, out_ref.active.ids)
     torch.testing.assert_close(out.loss.cpu(), out_ref.loss, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(clf.weight, ref.weight, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(clf.momentum_buffer, ref.momentum_buffer, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        clf.store.momentum_buffer, ref.store.momentum_buffer, rtol=1e-4, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("where", ["cuda", "pinned-host"])
 def test_sparse_sgd_on_cuda_equals_cpu(where):
-    """rows.sparse_sgd_: W on the device, or W pinned on the host with a device gradient
+    """RowStore.step_: W on the device, or W pinned on the host with a device gradient
     (offload), gives the CPU update on the rows ids and leaves the others alone."""
     n, d, lr, mu, wd = 1000, 64, 0.3, 0.9, 5e-2
     g = torch.Generator().manual_seed(1)
     w, v = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
     ids = torch.randperm(n, generator=g)[:100]
     grad = torch.randn(100, d, generator=g)
-    w_ref, v_ref = w.clone(), v.clone()
-    sparse_sgd_(w_ref, v_ref, ids, grad, lr, mu, wd)
+    ref = RowStore(w.clone(), mu=mu, weight_decay=wd)
+    ref.momentum_buffer = v.clone()
+    ref.step_(ids, grad, lr)
+    w_ref, v_ref = ref.weight, ref.momentum_buffer
     if where == "cuda":
-        w_dev, v_dev = w.to(CUDA), v.to(CUDA)
+        dev = RowStore(w.to(CUDA), mu=mu, weight_decay=wd)
+        dev.momentum_buffer = v.to(CUDA)
     else:
-        w_dev, v_dev = w.clone().pin_memory(), v.clone().pin_memory()
-    sparse_sgd_(w_dev, v_dev, ids, grad.to(CUDA), lr, mu, wd)
+        dev = RowStore(w.clone().pin_memory(), mu=mu, weight_decay=wd, offload=True)
+        dev.momentum_buffer = v.clone().pin_memory()
+    dev.step_(ids, grad.to(CUDA), lr)
+    w_dev, v_dev = dev.weight, dev.momentum_buffer
     torch.cuda.synchronize()
     torch.testing.assert_close(w_dev.cpu(), w_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(v_dev.cpu(), v_ref, rtol=1e-6, atol=1e-6)

@@ -46,7 +46,7 @@ def test_exact_step_equals_minimal_reference():
 
     head = CosFaceHead(S, MARGIN)
     sampler = build_sampler({"name": "exact", "num": M}, N, head.metric, seed=0)
-    clf = SampledClassifier(N, D, sampler, head, momentum=MU, weight_decay=WD, seed=0)
+    clf = SampledClassifier(N, D, head, sampler, momentum=MU, weight_decay=WD, seed=0)
     clf.weight.copy_(init)
 
     rows = [nn.Parameter(r.clone()) for r in init]
@@ -55,7 +55,7 @@ def test_exact_step_equals_minimal_reference():
         sampler.swap(sampler.build_index(clf.snapshot_weights()))
         out = clf(feats, labels)
         out.loss.backward()
-        clf.sparse_step(LR)
+        clf.step(out, LR)
 
         w_now = torch.stack([r.detach() for r in rows])
         ids = reference_active(w_now, feats, labels)

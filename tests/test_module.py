@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 
 from data.datamodule import RecordDataModule
 from hf_softmax.build import build_module, module_from_checkpoint
-from hf_softmax.classifier import SampledClassifier
 from hf_softmax.config_check import check_config
+from hf_softmax.dense_classifier import DenseClassifier
 from hf_softmax.heads import build_head
 from hf_softmax.module import NonFiniteError
 from hf_softmax.samplers import build_sampler
@@ -85,10 +85,9 @@ def test_only_active_rows_move_like_torch_sgd(rec_dm):
     w0 = module.classifier.weight.clone()
     grads = {}
 
-    class Grab(pl.Callback):  # the row gradient of the step, before sparse_step consumes it
-        def on_after_backward(self, trainer, pl_module):
-            ids, leaf = pl_module.classifier._pending
-            grads["ids"], grads["g"] = ids.clone(), leaf.grad.clone()
+    class Grab(pl.Callback):  # the rows the step updated and their gradient
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            grads["ids"], grads["g"] = outputs["row_ids"].clone(), outputs["row_grad"].clone()
 
     rec = Record()
     trainer(1, [rec, Grab()]).fit(module, datamodule=rec_dm)
@@ -126,7 +125,7 @@ def test_accuracy_is_plain_top1_not_margin():
     """CosFace: an image of class 0 whose near-duplicate row 1 (cos 0.995) beats the target
     once the margin is taken off it. Plain top-1 gets it right; the margin logits do not."""
     head = build_head("cosface", scale=64.0, margin=0.4)
-    clf = SampledClassifier(4, 8, build_sampler({"name": "full", "num": 4}, 4, head.metric), head)
+    clf = DenseClassifier(4, 8, head, build_sampler({"name": "full", "num": 4}, 4, head.metric))
     w = torch.eye(4, 8)
     w[1] = w[0] + 0.1 * torch.eye(8)[1]
     with torch.no_grad():
@@ -198,7 +197,7 @@ def test_warmup_cosine_step_schedules():
     assert [st(0), st(19), st(20), st(49), st(50)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
 
 
-def test_sparse_step_uses_scheduled_lr(rec_dm):
+def test_row_step_uses_scheduled_lr(rec_dm):
     cfg = make_cfg("random", momentum=0.0, weight_decay=0.0, warmup_steps=4,
                    warmup_start_factor=0.25, schedule="constant")  # fmt: skip
     module = build_module(cfg, rec_dm.num_classes)
@@ -206,11 +205,10 @@ def test_sparse_step_uses_scheduled_lr(rec_dm):
 
     class Grab(pl.Callback):
         def on_after_backward(self, trainer, pl_module):
-            ids, leaf = pl_module.classifier._pending
-            seen.append((ids.clone(), leaf.grad.clone(), pl_module.classifier.weight.clone()))
+            seen.append(pl_module.classifier.weight.clone())
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            ids, g, w_before = seen[-1]
+            ids, g, w_before = outputs["row_ids"], outputs["row_grad"], seen[-1]
             lr = 0.05 * (0.25 + 0.75 * batch_idx / 4)
             torch.testing.assert_close(pl_module.classifier.weight[ids], w_before[ids] - lr * g)
 
@@ -232,7 +230,9 @@ def test_checkpoint_holds_cfg_backbone_and_classifier(rec_dm, tmp_path):
     assert any(k.startswith("backbone.") for k in keys)
     loaded = module_from_checkpoint(path)
     torch.testing.assert_close(loaded.classifier.weight, module.classifier.weight)
-    torch.testing.assert_close(loaded.classifier.momentum_buffer, module.classifier.momentum_buffer)
+    torch.testing.assert_close(
+        loaded.classifier.store.momentum_buffer, module.classifier.store.momentum_buffer
+    )
     assert loaded.classifier.sampler.state_dict()["num_selects"] == 2
 
 

@@ -86,7 +86,7 @@ def test_classifier_loss_uses_the_correction():
     sampler = build_sampler(
         {"name": "random", "num": 64, "correction": "logq"}, 300, head.metric, seed=0
     )
-    clf = SampledClassifier(300, 16, sampler, head, init_std=0.1, seed=0)
+    clf = SampledClassifier(300, 16, head, sampler, init_std=0.1, seed=0)
     out = clf(feats, labels)
     a = out.active
     w = clf.weight[a.ids]

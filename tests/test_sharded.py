@@ -1,4 +1,4 @@
-"""ShardedClassifier on 2 gloo processes vs the single-process SampledClassifier.
+"""SampledClassifier sharded over 2 gloo processes vs the single-process one and a dense oracle.
 
 Each worker builds the same global batches (seeded), keeps its rank's slice (ranks get
 different batch sizes on purpose), runs the sharded classifier and, on the full batch, a
@@ -10,6 +10,7 @@ consolidated state dict must match. Workers assert; a failure in any rank fails 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import socket
 from pathlib import Path
@@ -22,17 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-import hf_softmax.sharded as sharded_module
 from hf_softmax.classifier import SampledClassifier
+from hf_softmax.collectives import shard_range, split_count
+from hf_softmax.dense_classifier import DenseClassifier
 from hf_softmax.heads import build_head
-from hf_softmax.samplers import build_sampler
+from hf_softmax.row_store import initial_rows
+from hf_softmax.samplers import build_sampler, sampler_class
 from hf_softmax.samplers.base import ActiveSet, Sampler
-from hf_softmax.sharded import (
-    ShardedClassifier,
-    _init_rows,
-    shard_range,
-    split_count,
-)
 
 N, D, M = 37, 8, 20  # odd N: uneven shards [0, 19), [19, 37)
 SIZES = (5, 7)  # per-rank batch sizes (unequal on purpose)
@@ -41,13 +38,14 @@ LR, MU, WD = 0.5, 0.9, 5e-2
 
 
 class ReplaySampler(Sampler):
-    """Real Sampler whose selection is the given ActiveSet (the union of the ranks' sets)."""
+    """Real Sampler whose selection is ``active``, set before each step (the union of the
+    ranks' sets)."""
 
     name = "replay"
 
-    def __init__(self, num_classes: int, active: ActiveSet) -> None:
-        super().__init__(num_classes, active.num, "ip")
-        self.active = active
+    def __init__(self, num_classes: int, num: int, metric: str) -> None:
+        super().__init__(num_classes, num, metric)
+        self.active: ActiveSet | None = None
 
     def select(self, features: torch.Tensor, labels: torch.Tensor) -> ActiveSet:
         return self.active
@@ -69,16 +67,16 @@ def _batches(steps: int, seed: int = 3):
     return out
 
 
-def _sharded(head_name: str, sampler: str, num: int = M, **kw) -> ShardedClassifier:
+def _sharded(head_name: str, sampler: str, num: int = M, **kw) -> SampledClassifier:
     head = build_head(head_name)
-    cfg = {"name": sampler, "num": num}
-    return ShardedClassifier(N, D, num, cfg, head, momentum=MU, weight_decay=WD, **kw)
+    factory = functools.partial(sampler_class({"name": sampler}), num=num)
+    return SampledClassifier(N, D, head, factory, num=num, momentum=MU, weight_decay=WD, **kw)
 
 
-def _reference(head_name: str, state: dict) -> SampledClassifier:
+def _reference(head_name: str, state: dict, sampler: Sampler | None = None) -> SampledClassifier:
     head = build_head(head_name)
-    ref = SampledClassifier(N, D, build_sampler({"name": "random", "num": M}, N, head.metric),
-                            head, momentum=MU, weight_decay=WD)  # fmt: skip
+    sampler = sampler or build_sampler({"name": "random", "num": M}, N, head.metric)
+    ref = SampledClassifier(N, D, head, sampler, momentum=MU, weight_decay=WD)
     ref.load_state_dict(state)
     return ref
 
@@ -99,13 +97,16 @@ def _check_training(rank: int, head_name: str, sampler: str, tmp: Path) -> None:
     lo = sum(SIZES[:rank])
     clf = _sharded(head_name, sampler)
     # common starting point: a single-process classifier's state, sliced by the loader
-    init = SampledClassifier(N, D, build_sampler({"name": "random", "num": M}, N, "ip"),
-                             build_head("linear"), seed=7).state_dict()  # fmt: skip
+    init = SampledClassifier(
+        N, D, build_head("linear"), build_sampler({"name": "random", "num": M}, N, "ip"), seed=7
+    )
+    init = init.state_dict()  # fmt: skip
     clf.load_state_dict(init)
-    assert (clf.start, clf.end) == (start, end)
+    assert clf.store.range == (start, end)
     if clf.sampler.needs_index:
         clf.sampler.swap(clf.sampler.build_index(clf.snapshot_weights()))
-    ref = _reference(head_name, init)
+    replay = ReplaySampler(N, M, build_head(head_name).metric)
+    ref = _reference(head_name, init, replay)
     for feats_all, labels_all in _batches(2):
         feats = feats_all[lo : lo + SIZES[rank]].clone().requires_grad_(True)
         out = clf(feats, labels_all[lo : lo + SIZES[rank]])
@@ -118,7 +119,7 @@ def _check_training(rank: int, head_name: str, sampler: str, tmp: Path) -> None:
         assert union.unique().numel() == union.numel() == M
         positions = {int(c): i for i, c in enumerate(union)}
         targets = torch.tensor([positions[int(y)] for y in labels_all])
-        ref.sampler = ReplaySampler(N, ActiveSet(union, targets, int(labels_all.unique().numel())))
+        replay.active = ActiveSet(union, targets, int(labels_all.unique().numel()))
         f_ref = feats_all.clone().requires_grad_(True)
         ref_out = ref(f_ref, labels_all)
         ref_out.loss.backward()
@@ -136,8 +137,8 @@ def _check_training(rank: int, head_name: str, sampler: str, tmp: Path) -> None:
         offset = sum(p.numel() for p in parts[:rank])
         ref_rows = ref_out.rows.grad[offset : offset + out.active.ids.numel()]
         torch.testing.assert_close(out.rows.grad, ref_rows, rtol=1e-4, atol=1e-5)
-        clf.sparse_step(LR)
-        ref.sparse_step(LR)
+        clf.step(out, LR)
+        ref.step(ref_out, LR)
 
     state = clf.state_dict()  # collective: consolidated on rank 0
     if rank == 0:
@@ -155,28 +156,73 @@ def _check_training(rank: int, head_name: str, sampler: str, tmp: Path) -> None:
     assert torch.equal(
         clf.predict(probe, chunk_size=4), ref.predict(probe_all)[lo : lo + len(probe)]
     )
+    top = ref.topk(probe_all, 5)[lo : lo + len(probe)]
+    assert torch.equal(clf.topk(probe, 5, chunk_size=4), top)
 
 
-def _check_dense_full(rank: int) -> None:
-    """``full`` sampler sharded: every local class active; loss = dense CE over all N."""
-    clf = _sharded("arcface", "full")
-    assert clf.all_active and clf.sampler.num_classes == shard_range(N, WORLD, rank)[1] - clf.start
-    feats_all, labels_all = _batches(1, seed=5)[0]
-    lo = sum(SIZES[:rank])
-    out = clf(feats_all[lo : lo + SIZES[rank]], labels_all[lo : lo + SIZES[rank]])
-    full_w = torch.cat([_init_rows(*shard_range(N, WORLD, r), N, D, 0.01, 0) for r in range(WORLD)])
-    head = build_head("arcface")
-    expected = F.cross_entropy(head(feats_all, full_w, labels_all), labels_all)
-    torch.testing.assert_close(out.loss, expected, rtol=1e-4, atol=1e-5)
-    assert out.logits.shape == (sum(SIZES), clf.num_local)
+def _check_dense_oracle(rank: int) -> None:
+    """M = N (every class active each step, so lazy SGD is dense SGD): the sharded classifier
+    and the single-process one (``shard=False``, no collectives although the group exists)
+    give the loss, feature gradient and rows of DenseClassifier + torch SGD, over 2 steps."""
+    lo, size = sum(SIZES[:rank]), SIZES[rank]
+    sharded = _sharded("cosface", "random", num=N)
+    single = _sharded("cosface", "random", num=N, shard=False)
+    dense = DenseClassifier(N, D, build_head("cosface"))
+    opt = torch.optim.SGD(dense.parameters(), lr=LR, momentum=MU, weight_decay=WD)
+    assert sharded.store.num_rows == shard_range(N, WORLD, rank)[1] - sharded.store.start
+    assert single.store.range == (0, N) and torch.equal(single.weight, dense.weight.detach())
+    for feats_all, labels_all in _batches(2, seed=5):
+        f_d = feats_all.clone().requires_grad_(True)
+        out_d = dense(f_d, labels_all)
+        opt.zero_grad()
+        out_d.loss.backward()
+        opt.step()
+        f_1 = feats_all.clone().requires_grad_(True)
+        out_1 = single(f_1, labels_all)
+        out_1.loss.backward()
+        single.step(out_1, LR)
+        f_s = feats_all[lo : lo + size].clone().requires_grad_(True)
+        out_s = sharded(f_s, labels_all[lo : lo + size])
+        out_s.loss.backward()
+        sharded.step(out_s, LR)
+        for out in (out_1, out_s):
+            torch.testing.assert_close(out.loss, out_d.loss, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(f_1.grad, f_d.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(f_s.grad / WORLD, f_d.grad[lo : lo + size], rtol=1e-5,
+                                   atol=1e-6)  # fmt: skip
+    w = dense.weight.detach()
+    torch.testing.assert_close(single.weight, w, rtol=1e-4, atol=1e-5)
+    start, end = sharded.store.range
+    torch.testing.assert_close(sharded.weight, w[start:end], rtol=1e-4, atol=1e-5)
+
+
+def _check_legacy_ddp(rank: int) -> None:
+    """tests/fixtures/legacy_ckpt/ddp.ckpt (consolidated by the pre-redesign code): each rank
+    loads its block of rows, momentum and touched mask."""
+    state = _legacy_classifier_state("ddp")
+    n, d = state["weight"].shape
+    factory = functools.partial(sampler_class({"name": "exact"}), num=16)
+    clf = SampledClassifier(n, d, build_head("cosface"), factory, num=16)
+    clf.load_state_dict(state)
+    start, end = shard_range(n, WORLD, rank)
+    assert clf.store.range == (start, end) and clf.num == 16 and clf.sampler.num == 8
+    assert torch.equal(clf.weight, state["weight"][start:end])
+    assert torch.equal(clf.store.momentum_buffer, state["momentum"][start:end])
+    assert torch.equal(clf.store.touched, state["touched"][start:end])
+
+
+def _legacy_classifier_state(name: str) -> dict[str, torch.Tensor]:
+    path = Path(__file__).parent / "fixtures" / "legacy_ckpt" / f"{name}.ckpt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    prefix = "classifier."
+    return {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
 
 
 def _check_init_invariant(rank: int) -> None:
-    """The consolidated initial W is the same for every world size."""
-    sharded_module._INIT_BLOCK = 8  # blocks straddle the shard boundary at 19
+    """The consolidated initial W is the single-process one."""
     state = _sharded("cosface", "random").state_dict()
     if rank == 0:
-        single = _init_rows(0, N, N, D, 0.01, 0)
+        single = _sharded("cosface", "random", shard=False).weight
         torch.testing.assert_close(state["weight"], single, rtol=0, atol=0)
 
 
@@ -199,7 +245,7 @@ def _check_ddp_backbone(rank: int) -> None:
     union = torch.cat(_gather_active(out, rank))
     positions = {int(c): i for i, c in enumerate(union)}
     targets = torch.tensor([positions[int(y)] for y in labels_all])
-    w = torch.cat([_init_rows(*shard_range(N, WORLD, r), N, D, 0.01, 0) for r in range(WORLD)])
+    w = initial_rows(0, N, N, D, 0.01, 0)
     head = build_head("arcface")
     ref_loss = F.cross_entropy(head(ref_backbone(x_all), w[union], targets), targets)
     ref_loss.backward()
@@ -224,7 +270,8 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         for head_name, sampler in (("cosface", "exact"), ("arcface", "random"),
                                    ("linear", "exact")):  # fmt: skip
             _check_training(rank, head_name, sampler, Path(tmp))
-        _check_dense_full(rank)
+        _check_dense_oracle(rank)
+        _check_legacy_ddp(rank)
         _check_ddp_backbone(rank)
         _check_num_schedule(rank)
         _check_init_invariant(rank)
@@ -256,9 +303,9 @@ def test_two_rank_checkpoint_loads_in_one_process(two_rank_run):
     torch.testing.assert_close(single.weight, state["weight"])
     sharded = _sharded("cosface", "exact")  # world size 1: the whole block
     sharded.load_state_dict(state)
-    assert (sharded.start, sharded.end, sharded.num) == (0, N, M)
+    assert (*sharded.store.range, sharded.num) == (0, N, M)
     torch.testing.assert_close(sharded.weight, state["weight"])
-    torch.testing.assert_close(sharded.momentum_buffer, state["momentum"])
+    torch.testing.assert_close(sharded.store.momentum_buffer, state["momentum"])
     feats = torch.randn(9, D)
     assert torch.equal(sharded.predict(feats), single.predict(feats))
     again = sharded.state_dict()
@@ -275,3 +322,18 @@ def test_shard_ranges_cover_all_classes():
             assert ranges[0][0] == 0 and ranges[-1][1] == n
             assert all(a[1] == b[0] for a, b in zip(ranges[:-1], ranges[1:], strict=True))
             assert max(e - s for s, e in ranges) - min(e - s for s, e in ranges) <= 1
+
+
+def test_initial_rows_do_not_depend_on_the_split():
+    """Blocks of 8 rows straddle the shard boundaries; block 0 is the plain seeded draw."""
+    full = initial_rows(0, N, N, D, 0.01, 3, block=8)
+    for world in (1, 2, 3, 5):
+        parts = [initial_rows(*shard_range(N, world, r), N, D, 0.01, 3, block=8)
+                 for r in range(world)]  # fmt: skip
+        assert torch.equal(torch.cat(parts), full)
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(full[:8], torch.empty(8, D).normal_(0.0, 0.01, generator=g))
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(
+        initial_rows(0, N, N, D, 0.01, 3), torch.empty(N, D).normal_(0.0, 0.01, generator=g)
+    )

@@ -2,9 +2,9 @@
 
 Two sources of labelled images: the held-out split of training (``holdout_loader``: the same
 ``data.val_fraction`` and seed as training) and labelled ``.rec`` files (``rec_loader``, the
-``top1_rec`` option). Rows are scored in chunks, so W (N, D) may stay memory-mapped: top-1 is
-``hf_softmax.rows.argmax_rows`` (the classifier's own ``predict`` rule, ties to the lowest id),
-top-k is ``topk_rows``. Features use ``embed.flip_embed``.
+``top1_rec`` option). Rows are scored in chunks, so W (N, D) may stay memory-mapped, by the row
+store's chunked ``hf_softmax.row_store.topk_rows`` (one pass over W gives top-5, and top-1 is
+its first column). Features use ``embed.flip_embed``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from hf_softmax.evaluation.embed import flip_embed
 from hf_softmax.evaluation.errors import EvaluateError
 from hf_softmax.heads import MarginHead
-from hf_softmax.rows import argmax_rows, topk_rows
+from hf_softmax.row_store import topk_rows
 
 TOPK = 5  # closed-set top-k reported next to top-1
 
@@ -47,10 +47,10 @@ def closed_set_counts(
     counts = np.zeros((weight.shape[0], 3), np.int64)
     for images, labels in loader:
         f = flip_embed(backbone, images.to(device), flip).float()  # (B, D)
-        _, top1 = argmax_rows(f, weight, head, chunk_size)  # (B,)
+        # one pass over W: column 0 of the top-k is the top-1 (W is read once per batch)
         _, ids = topk_rows(f, weight, head, TOPK, chunk_size)  # (B, k) best first
-        hit1 = (top1.cpu() == labels).numpy()  # (B,)
-        hitk = hit1 | (ids.cpu() == labels[:, None]).any(dim=1).numpy()
+        hits = (ids.cpu() == labels[:, None]).numpy()  # (B, k)
+        hit1, hitk = hits[:, 0], hits.any(axis=1)
         y = labels.numpy()
         np.add.at(counts[:, 0], y, 1)
         np.add.at(counts[:, 1], y, hit1)

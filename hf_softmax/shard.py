@@ -1,0 +1,158 @@
+"""A rank's share of a sampled softmax: its sampler, active set, margin logits, plain top-1.
+
+Under DDP every rank sees the gathered batch (B samples) but owns only the classes
+[start, end); a sample whose target class is elsewhere has target -1 here. On one process
+(start, end) = (0, N), every target is local and these are the plain single-process steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from hf_softmax import collectives as coll
+from hf_softmax.heads import MarginHead
+from hf_softmax.samplers.base import ActiveSet, Sampler
+
+log = logging.getLogger(__name__)
+
+SamplerFactory = Callable[..., Sampler]  # (num_classes=, metric=, seed=[, num=]) -> Sampler
+
+
+def check_sampler(sampler: Any, num_classes: int, metric: str) -> Sampler:
+    """-> ``sampler`` if it is a sampled (not ``full``) Sampler over ``num_classes`` with
+    ``metric``; else ValueError naming what was expected."""
+    if not isinstance(sampler, Sampler) or sampler.num_classes != num_classes:
+        raise ValueError(f"classifier: the sampler must be a Sampler over {num_classes} "
+                         f"classes, got {sampler!r}")  # fmt: skip
+    if sampler.metric != metric:
+        raise ValueError(f"classifier: sampler metric {sampler.metric!r} does not match the "
+                         f"head's metric {metric!r}")  # fmt: skip
+    if sampler.dense:
+        raise ValueError("classifier: sampler 'full' trains a DenseClassifier, not this one")
+    return sampler
+
+
+def local_num(num: int, num_local: int, world: int, rank: int) -> int:
+    """This rank's share M_r of M active classes, within 1..N_r."""
+    return max(1, min(coll.split_count(num, world, rank), num_local))
+
+
+def shard_sampler(
+    factory: SamplerFactory, num_local: int, num: int | None, metric: str, seed: int,
+    world: int, rank: int,
+) -> tuple[Sampler, int]:  # fmt: skip
+    """-> (the sampler of this rank's N_r classes, the global M). ``factory`` is called with
+    ``num_classes=N_r, metric=, seed=seed + 1009 * rank`` and ``num=M_r`` when ``num`` (M)
+    is given; else the sampler's own ``num`` is taken as M and cut to M_r."""
+    kw: dict[str, Any] = dict(num_classes=num_local, metric=metric, seed=seed + 1009 * rank)
+    if num is not None:
+        kw["num"] = local_num(num, num_local, world, rank)
+    sampler = check_sampler(factory(**kw), num_local, metric)
+    if num is None:
+        num = sampler.num
+        sampler.num = local_num(num, num_local, world, rank)
+    return sampler, int(num)
+
+
+def sampler_tensors(sampler: Sampler, num: int) -> dict[str, torch.Tensor]:
+    """The checkpoint's ``sampler_rng`` (this rank's stream) and ``sampler_counters`` [M,
+    selects, fallbacks, swaps]."""
+    s = sampler.state_dict()
+    counters = [num, s["num_selects"], s["num_fallbacks"], s["num_swaps"]]
+    return {"sampler_rng": s["rng"].clone(),
+            "sampler_counters": torch.tensor(counters, dtype=torch.int64)}  # fmt: skip
+
+
+def load_sampler_tensors(sampler: Sampler, found: dict[str, torch.Tensor], rank: int) -> None:
+    """Counters and (when saved) the RNG into ``sampler`` (its ``num`` is left alone). Rank 0
+    continues the saved stream; other ranks fork from it."""
+    _, selects, fallbacks, swaps = (int(x) for x in found["sampler_counters"])
+    state = sampler.state_dict()
+    state.update(num_selects=selects, num_fallbacks=fallbacks, num_swaps=swaps)
+    if "sampler_rng" in found:
+        state["rng"] = found["sampler_rng"]
+    sampler.load_state_dict(state)
+    if rank:
+        fork = int(torch.randint(2**62, (1,), generator=sampler.generator))
+        sampler.generator.manual_seed(fork + rank)
+
+
+def select_in_shard(
+    sampler: Sampler, features: torch.Tensor, labels: torch.Tensor, start: int, end: int
+) -> ActiveSet:
+    """Gathered features (B, D) (detached), global labels (B,) -> ActiveSet with ids LOCAL to
+    [start, end), targets into them or -1 where the class lives on another rank.
+
+    More positives in the shard than the sampler's M_r: the active set grows to hold them
+    for that step (logged once per sampler).
+    """
+    labels = labels.detach().to("cpu", torch.int64).view(-1)
+    local = (labels >= start) & (labels < end)
+    num_pos, restore = int(torch.unique(labels[local]).numel()), None
+    if num_pos > sampler.num:
+        if not getattr(sampler, "_warned_grow", False):
+            sampler._warned_grow = True
+            log.info("classes [%d, %d): %d positives exceed the shard's share M_r = %d; the "
+                     "active set grows for such steps (raise sampler.num to avoid this)",
+                     start, end, num_pos, sampler.num)  # fmt: skip
+        restore, sampler.num = sampler.num, num_pos
+    try:
+        active = sampler.select(features, labels[local] - start)
+    finally:
+        if restore is not None:
+            sampler.num = restore
+    targets = torch.full_like(labels, -1)
+    targets[local] = active.targets
+    # the shard's logq correction estimates the shard's share of the normaliser; the
+    # distributed softmax sums the shards, so the adjustments carry over unchanged
+    return dataclasses.replace(active, targets=targets)
+
+
+def margin_logits(
+    head: MarginHead, feats: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """(B, D), (M_r, D), (B,) with -1 = not here -> (B, M_r), margin at local targets only.
+
+    Rows whose target is elsewhere get column 0 as the head's stand-in target, whose plain
+    logit is then written back. With every target local: ``head(feats, rows, targets)``.
+    """
+    if rows.shape[0] == 0:
+        return feats.new_zeros((feats.shape[0], 0))
+    logits = head(feats, rows, targets.clamp(min=0))
+    other = torch.nonzero(targets < 0).view(-1)
+    if other.numel() == 0 or getattr(head, "margin", 0.0) == 0.0:
+        return logits
+    plain0 = head.plain_logits(feats.index_select(0, other), rows[:1])  # (b, 1)
+    col0 = logits[:, :1].index_copy(0, other, plain0.to(logits.dtype))
+    return torch.cat([col0, logits[:, 1:]], dim=1)
+
+
+@torch.no_grad()
+def plain_hit(
+    head: MarginHead,
+    feats: torch.Tensor,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    group: Any = None,
+    distributed: bool = False,
+) -> torch.Tensor:
+    """(B, D), (M_r, D), (B,) local targets or -1 -> (B,) bool: the target's plain logit (no
+    margin) is the maximum over all ranks' active rows.
+
+    One all-reduce (MAX) of [row max; target logit, -inf where the target is elsewhere] when
+    ``distributed``: every target lives on exactly one rank.
+    """
+    stats = feats.new_full((2, feats.shape[0]), -float("inf"), dtype=torch.float32)
+    if rows.shape[0]:
+        plain = head.plain_logits(feats.detach(), rows.detach()).float()  # (B, M_r)
+        stats[0] = plain.max(dim=1).values
+        local = torch.nonzero(targets >= 0).view(-1)
+        stats[1, local] = plain[local, targets[local]]
+    if distributed:
+        coll.all_reduce_max_(stats, group)
+    return stats[1] >= stats[0]
