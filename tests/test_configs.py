@@ -114,7 +114,7 @@ def test_group_option_composes_and_instantiates(group, option, tmp_path, mxnet_r
         names = {type(c).__name__ for c in cbs}
         assert {"ModelCheckpoint", "IndexRebuild"} <= names
         rebuild = next(c for c in cbs if type(c).__name__ == "IndexRebuild")
-        assert rebuild.interval == cfg.sampler.interval
+        assert rebuild.interval == cfg.callbacks.index_rebuild.interval
 
 
 @pytest.mark.parametrize("option", options("experiment"))

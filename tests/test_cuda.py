@@ -103,7 +103,7 @@ def test_bf16_mixed_demo_training_stays_finite_with_float32_rows(tmp_path):
             "trainer.max_steps=6",
             "trainer.limit_val_batches=1",
             "trainer.log_every_n_steps=1",
-            "sampler.background=false",
+            "callbacks.index_rebuild.background=false",
         ],
         tmp_path,
     )
@@ -120,7 +120,7 @@ def test_bf16_mixed_demo_training_stays_finite_with_float32_rows(tmp_path):
 def test_checkpoint_resumes_across_devices(tmp_path, first, second):
     common = [
         "logger=csv",
-        "sampler.background=false",
+        "callbacks.index_rebuild.background=false",
         "trainer.limit_val_batches=0",
         "optim.total_steps=16",
     ]

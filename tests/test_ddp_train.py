@@ -34,9 +34,9 @@ def _overrides(run: Path, demo_root: Path) -> list[str]:
         "model.embedding_dim=32",
         "sampler=annoy",
         "sampler.num=24",  # 12 active classes per rank
-        "sampler.interval=2",
-        "sampler.background=false",
-        "sampler.probe_every=1",
+        "callbacks.index_rebuild.interval=2",
+        "callbacks.index_rebuild.background=false",
+        "callbacks.index_rebuild.probe_every=1",
         "optim.warmup_steps=0",
         f"+trainer.limit_train_batches={STEPS}",
         "~callbacks.progress_bar",

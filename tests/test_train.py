@@ -39,8 +39,8 @@ TINY = [
     "data.val_batch_size=64",
     "model.embedding_dim=32",
     "sampler.num=48",
-    "sampler.interval=4",
-    "sampler.probe_every=4",
+    "callbacks.index_rebuild.interval=4",
+    "callbacks.index_rebuild.probe_every=4",
     "optim.warmup_steps=2",
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
@@ -105,7 +105,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     at epoch boundaries; the module reseeds data order and flips from (seed, epoch))."""
     common = [
         "logger=csv",
-        "sampler.background=false",
+        "callbacks.index_rebuild.background=false",
         "trainer.limit_val_batches=0",
         "data.val_fraction=0.0",  # all 256 images train: 8 steps per epoch
         "optim.total_steps=16",

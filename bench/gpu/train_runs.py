@@ -98,7 +98,7 @@ def rec_overrides(p: dict[str, Any], rec: Path) -> list[str]:
         "trainer.log_every_n_steps=10",
         "trainer.enable_progress_bar=false",
         "optim.warmup_steps=20",
-        "sampler.interval=100",
+        "callbacks.index_rebuild.interval=100",
         f"torch_threads={p['threads'] or 'null'}",
         STATS,
         STATS_PATH,
