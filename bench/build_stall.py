@@ -64,8 +64,8 @@ def stall(
 
     refresh: the timed rebuild is the maintainer's refresh of the rows the warm-up and
     baseline steps touched (hnsw), else a full build. prebuilt: an index already built over
-    ``w`` installed instead of the synchronous first build (thread mode only: a build worker
-    must build the index it later refreshes itself).
+    ``w`` installed instead of the synchronous first build (thread mode only: in process
+    mode the worker makes the first build, and keeps it for its refreshes).
     """
     n, d = w.shape
     head = build_head("linear")
@@ -89,14 +89,11 @@ def stall(
         clf.sparse_step(LR)
         return time.perf_counter() - t0
 
-    if prebuilt is not None:
+    if prebuilt is not None and mode == "thread":
         sampler.swap(prebuilt)
         clf.pop_touched()
     else:
         m.start(0)
-    if refresh and mode == "process":  # the worker refreshes the index it built itself
-        m.on_step_start(FAR)
-        m.wait(FAR)
     for i in range(3):
         step(i, i + 1)
     base = [step(i, i + 4) for i in range(baseline_steps)]
@@ -143,7 +140,7 @@ def stall(
 
 
 def run(
-    sizes: list[int], dim: int = 256, modes: tuple[str, ...] = ("thread",),
+    sizes: list[int], dim: int = 256, modes: tuple[str, ...] = ("thread", "process"),
     indexes: tuple[str, ...] = ("annoy", "hnsw"), build_threads: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
     clock = RunClock()
@@ -190,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--n", type=int, nargs="+", default=[100_000])
     p.add_argument("--d", type=int, default=256)
-    p.add_argument("--modes", nargs="+", default=["thread"])
+    p.add_argument("--modes", nargs="+", default=["thread", "process"])
     p.add_argument("--indexes", nargs="+", default=["annoy", "hnsw"])
     p.add_argument("--threads", type=int, default=1, help="torch threads of the trainer")
     p.add_argument("--build-threads", type=int, default=1)

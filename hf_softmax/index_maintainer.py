@@ -35,15 +35,14 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-import traceback
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 
+from hf_softmax.index_build import BuildJob, run_build
 from hf_softmax.rebuild_settings import RebuildRecord, RebuildSettings
 from hf_softmax.recall_target import RecallTarget
 
@@ -51,44 +50,6 @@ log = logging.getLogger(__name__)
 
 COUNTERS = ("builds", "refreshes", "failures", "adaptive_triggers", "skipped_busy", "probes",
             "last_build_step", "last_swap_step")  # fmt: skip
-
-
-@dataclass
-class BuildJob:
-    """One rebuild in flight; ``done`` is set once ``index`` (or ``error``) is there."""
-
-    start_step: int
-    kind: str  # asked: "build" | "refresh"
-    background: bool
-    changed: int = 0  # rows updated since the previous rebuild
-    done: threading.Event = field(default_factory=threading.Event)
-    index: Any = None
-    kind_done: str = ""  # what ran (a refresh the sampler declines is a build)
-    seconds: float = 0.0
-    error: BaseException | None = None
-    trace: str = ""
-
-
-def run_build(job: BuildJob, sampler: Any, weights: Any, changed: np.ndarray) -> None:
-    """Build or refresh into ``job``; ``weights``: (N, D) snapshot or a function returning it."""
-    t0 = time.perf_counter()
-    try:
-        if callable(weights):
-            weights = weights()
-        index = None
-        if job.kind == "refresh" and sampler.has_index:
-            index = sampler.refresh(weights, changed)
-        job.kind_done = "refresh"
-        if index is None:
-            job.kind_done = "build"
-            index = sampler.build_index(weights)
-        job.index = index
-    except BaseException as e:  # noqa: BLE001 - reported to the training thread
-        job.error = e
-        job.trace = traceback.format_exc()
-    finally:
-        job.seconds = time.perf_counter() - t0
-        job.done.set()
 
 
 class IndexMaintainer:
@@ -132,6 +93,11 @@ class IndexMaintainer:
         """A background build is running (not yet swapped in)."""
         return self._job is not None
 
+    @property
+    def worker(self) -> Any:
+        """The ``BuildWorker`` of ``background: process`` (None until its first build)."""
+        return self._worker
+
     def mode(self) -> str:
         """How the next rebuild runs: "inline", "thread" or "process"."""
         bg = self.settings.background
@@ -161,10 +127,12 @@ class IndexMaintainer:
         if not self.active:
             return {}
         sampler = self.sampler
-        weights = self.classifier.snapshot_weights()
         self.classifier.pop_touched()
         job = BuildJob(start_step=step, kind="build", background=False)
-        run_build(job, sampler, weights, np.empty(0, np.int64))
+        if self.mode() == "process":  # built by the worker, which keeps it to refresh it
+            self._process_worker().run(job, self.classifier, np.empty(0, np.int64))
+        else:
+            run_build(job, sampler, self.classifier.snapshot_weights(), np.empty(0, np.int64))
         if job.error is not None:
             raise RuntimeError(
                 f"initial index build of sampler {sampler.name!r} failed at step {step}"
@@ -266,17 +234,20 @@ class IndexMaintainer:
             run_build(job, sampler, classifier.snapshot_weights(), changed)
             return self._finish(step, job)
         if mode == "process":
-            if self._worker is None:
-                from hf_softmax.build_worker import BuildWorker
-
-                self._worker = BuildWorker(sampler, self.settings.build_threads)
-            target, args = self._worker.run, (job, classifier, changed)
+            target, args = self._process_worker().run, (job, classifier, changed)
         else:
             target, args = run_build, (job, sampler, classifier.snapshot_weights, changed)
         self._job = job
         threading.Thread(target=target, args=args, name=f"index-rebuild-{step}",
                          daemon=True).start()  # fmt: skip
         return {}
+
+    def _process_worker(self) -> Any:
+        if self._worker is None:
+            from hf_softmax.build_worker import BuildWorker
+
+            self._worker = BuildWorker(self.sampler, self.settings.build_threads)
+        return self._worker
 
     def _collect(self, step: int, wait: bool) -> dict[str, float]:
         job = self._job

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-BACKGROUND_MODES = ("auto", "thread")
+BACKGROUND_MODES = ("auto", "thread", "process")
 _KEY = "callbacks.index_rebuild"
 
 

@@ -4,6 +4,8 @@ sparse step, on_step_end)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from hf_softmax.classifier import SampledClassifier
 from hf_softmax.heads import build_head
 from hf_softmax.index_maintainer import IndexMaintainer
 from hf_softmax.samplers import build_sampler, exact_topk, recall_at_k
+from hf_softmax.samplers.annoy import AnnoySampler
 
 N, D, B, M = 300, 16, 8, 40
 
@@ -144,3 +147,74 @@ def test_close_drops_a_running_build():
     assert m.busy
     m.close()
     assert not m.busy and m.on_step_start(1) == {}
+
+
+@pytest.mark.parametrize("name", ["annoy", "hnsw", "exact"])
+def test_process_build_matches_a_build_in_this_process(name):
+    """The worker's index (through shared memory and a file) answers like one built here."""
+    knobs = {"annoy": {"ntrees": 4, "n_jobs": 1}, "hnsw": {"num_threads": 1}}.get(name, {})
+    clf = make(name, **knobs)
+    m = IndexMaintainer(clf, interval=100, background="process", probe_every=0, build_threads=1)
+    m.start(0)
+    try:
+        train(clf, m, range(0, 2))
+        m.on_step_start(100)  # the worker builds from the rows as they are now
+        m.wait(100)
+        assert m.failures == 0 and m.history[-1].background and m.worker.pid is not None
+        weights = clf.snapshot_weights()
+        reference = make(name, **knobs).sampler
+        reference.swap(reference.build_index(weights))
+        feats = torch.randn(B, D).numpy()
+        if name != "hnsw":  # annoy: same seed, same rows -> same forest; exact: same rows
+            np.testing.assert_array_equal(clf.sampler.query(feats, 5), reference.query(feats, 5))
+        else:  # hnsw builds in threads: not bit-exact; a good graph all the same
+            truth = exact_topk(weights, feats, 5, "ip")
+            assert recall_at_k(clf.sampler.query(feats, 5), truth) >= 0.8
+        if name == "hnsw":  # the worker refreshes the graph it built (none copied here)
+            train(clf, m, range(101, 102))
+            m.on_step_start(200)
+            m.wait(200)
+            assert [r.kind for r in m.history] == ["build", "refresh", "refresh"]
+            truth = exact_topk(clf.snapshot_weights(), feats, 5, "ip")
+            assert recall_at_k(clf.sampler.query(feats, 5), truth) >= 0.8
+    finally:
+        m.close()
+    assert m.worker is None
+
+
+class CrashingAnnoy(AnnoySampler):
+    """A real Annoy sampler whose build kills its process (as the OOM killer would) while
+    the file ``crash_marker`` exists; the crash removes the file first."""
+
+    def __init__(self, *a, crash_marker: str = "", **kw):
+        super().__init__(*a, **kw)
+        self.crash_marker = crash_marker
+
+    def build_index(self, weights):
+        if self.crash_marker and os.path.exists(self.crash_marker):
+            os.remove(self.crash_marker)
+            os._exit(3)
+        return super().build_index(weights)
+
+
+def test_process_worker_crash_is_a_clear_failure_and_the_next_build_recovers(caplog, tmp_path):
+    marker = tmp_path / "crash"
+    sampler = CrashingAnnoy(N, M, "ip", 0, ntrees=2, n_jobs=1, crash_marker=str(marker))
+    clf = SampledClassifier(N, D, sampler, build_head("linear"), seed=0, init_std=1.0)
+    m = IndexMaintainer(clf, interval=100, background="process", probe_every=0)
+    m.start(0)
+    try:
+        m.on_step_start(100)
+        m.wait(100)
+        first, tmpdir = m.worker.pid, m.worker.tmpdir
+        marker.touch()
+        with caplog.at_level("ERROR", logger="hf_softmax.index_maintainer"):
+            m.on_step_start(200)
+            m.wait(200)  # returns: a dead worker is an error, not a hang
+        assert m.failures == 1 and "died with exit code 3" in caplog.text
+        m.on_step_start(300)  # a new worker builds
+        m.wait(300)
+        assert m.failures == 1 and m.history[-1].ok and m.worker.pid != first
+    finally:
+        m.close()
+    assert not os.path.exists(tmpdir)

@@ -141,6 +141,24 @@ def test_background_build_never_blocks_a_step():
     assert sampler.index is not seen["initial"]  # swapped in once done
 
 
+def test_process_builds_are_swapped_in_and_the_worker_stops_at_the_end():
+    module = HFSoftmaxModule(make_cfg("annoy", ntrees=4, n_jobs=1), NUM_CLASSES)
+    cb = IndexRebuild(interval=2, background="process", build_threads=1, probe_every=0)
+    seen = {}
+
+    class Watch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen["worker"] = seen.get("worker") or cb.maintainer.worker
+            if trainer.global_step == 3:
+                cb.maintainer.wait(3)  # the build started at step 2 swaps in now
+
+    fit(module, [cb, Watch()], steps=5)
+    history = cb.maintainer.history
+    assert [r.start_step for r in history][:2] == [0, 2] and history[1].ok
+    assert history[1].background and history[1].swap_step == 3
+    assert cb.maintainer.worker is None and not seen["worker"].pid_alive()
+
+
 def test_sync_build_runs_inside_the_step():
     module = with_sampler(HFSoftmaxModule(make_cfg("annoy"), NUM_CLASSES), GatedAnnoy, timeout=0.2)
     cb = IndexRebuild(interval=4, background=False)
