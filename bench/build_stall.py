@@ -128,6 +128,7 @@ def stall(
         "base_step_s": base_med,
         "median_during_s": float(np.median(during)),
         "max_during_s": float(np.max(during)),
+        "longest_at": int(np.argmax(during)),  # 0: the trigger step, steps_during - 1: swap
         "first_step_s": during[0],
         "swap_step_s": during[-1],
         "median_after_s": float(np.median(after)),
