@@ -9,7 +9,7 @@ classes whose rows lie nearest to the feature. Random sampling at M/N = 1% sees 
 as a negative in ~1% of the steps; an index sampler sees all of them.
 
 Model: a trainable projection (Linear, input_dim -> dim) + the real ``SampledClassifier``
-(linear head) with each sampler; rebuilds through the real ``IndexRebuild`` callback
+(linear head) with each sampler; rebuilds through the real ``IndexMaintainer``
 (blocking, every ``interval`` steps, so the wall time includes them). ``full`` is the dense
 ``SampledClassifier`` (W an nn.Parameter) trained by ``torch.optim.SGD`` with momentum.
 Same steps, batch, learning rate and data order for every run. Top-1 = argmax over all N on
@@ -26,7 +26,6 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 # Before torch loads OpenMP (see bench.head_speed).
@@ -49,6 +48,7 @@ from bench.common import (  # noqa: E402
 from hf_softmax.classifier import SampledClassifier  # noqa: E402
 from hf_softmax.dense_classifier import DenseClassifier  # noqa: E402
 from hf_softmax.heads import build_head  # noqa: E402
+from hf_softmax.index_maintainer import IndexMaintainer  # noqa: E402
 from hf_softmax.samplers import build_sampler  # noqa: E402
 
 log = logging.getLogger("bench.accuracy")
@@ -115,12 +115,6 @@ class Task:
         return c + scale * torch.randn(c.shape, generator=gen)
 
 
-class _Host(nn.Module):
-    def __init__(self, classifier: SampledClassifier | DenseClassifier) -> None:
-        super().__init__()
-        self.classifier = classifier
-
-
 def train_one(task: Task, sampler_name: str, fraction: float | None) -> RunResult:
     cfg = task.cfg
     n = cfg.num_classes
@@ -138,24 +132,17 @@ def train_one(task: Task, sampler_name: str, fraction: float | None) -> RunResul
     clf = kind(n, cfg.dim, head, sampler, seed=cfg.seed)
     params = list(proj.parameters()) + (list(clf.parameters()) if sampler.dense else [])
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
-    host = _Host(clf)
-    trainer = SimpleNamespace(global_step=0, training=False)
-    cb = None
-    if sampler.needs_index:
-        from callbacks.index_rebuild import IndexRebuild
-
-        # full rebuilds: an hnsw refresh of ~20% of the rows costs more than a build
-        # (see the index-cost table)
-        cb = IndexRebuild(interval=cfg.interval, background=False, refresh=False)
+    # full rebuilds: an hnsw refresh of ~20% of the rows costs more than a build (see the
+    # index-cost table)
+    maintainer = IndexMaintainer(clf, interval=cfg.interval, background=False, probe_every=0,
+                                 refresh=False)  # fmt: skip
     gen = torch.Generator().manual_seed(cfg.seed + 2)  # same data order for every run
     curve: list[dict[str, float]] = []
     t0 = time.perf_counter()
     eval_s = 0.0
-    if cb is not None:
-        cb.on_train_start(trainer, host)
+    maintainer.start(0)  # no-op without an index (full, random)
     for step in range(cfg.steps):
-        if cb is not None:
-            cb.on_train_batch_start(trainer, host, None, step)
+        maintainer.on_step_start(step)
         labels = torch.randint(0, n, (cfg.batch,), generator=gen)
         x = task.sample(labels, gen)
         out = clf(proj(x), labels)
@@ -163,7 +150,6 @@ def train_one(task: Task, sampler_name: str, fraction: float | None) -> RunResul
         out.loss.backward()
         opt.step()
         clf.step(out, cfg.lr)
-        trainer.global_step += 1
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             te = time.perf_counter()
             top1, _ = evaluate(task, proj, clf)
@@ -173,7 +159,7 @@ def train_one(task: Task, sampler_name: str, fraction: float | None) -> RunResul
             )
     wall = time.perf_counter() - t0 - eval_s
     top1, fam1 = evaluate(task, proj, clf)
-    rebuild_s = sum(r["seconds"] for r in cb.records()) if cb is not None else 0.0
+    rebuild_s = sum(r["seconds"] for r in maintainer.records())
     res = RunResult(sampler_name, fraction, num, top1, fam1, wall, rebuild_s, curve, knobs)
     log.info(
         "%s M=%d: top1 %.4f (family %.4f) in %.1fs (rebuilds %.1fs)",
@@ -277,7 +263,7 @@ def render(data: dict[str, Any]) -> str:
             f"`{t['head']}` head (scale {t['scale']}, margin {t['margin']}); {t['steps']} steps "
             f"of B = {t['batch']} (same data order for "
             f"every run), SGD lr {t['lr']}, momentum 0.9, wd 5e-4; index rebuilt (blocking) "
-            f"every {t['interval']} steps by `IndexRebuild` (full builds; annoy "
+            f"every {t['interval']} steps by `IndexMaintainer` (full builds; annoy "
             f"ntrees 10, hnsw m 8 / ef_construction 40 / ef 64, one build thread). "
             f"Top-1 over all N classes on "
             f"{t['test_size']} held-out samples; *family top-1* counts a sibling as right "

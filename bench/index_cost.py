@@ -3,10 +3,9 @@
 - annoy with ntrees in {10, 50, 100}: build time, query time (B = 256), recall@k;
 - hnsw: full build, then incremental ``refresh`` after 1% and 10% of the rows moved
   (recall against exact top-k of the *moved* weights, next to the stale index's recall);
-- background rebuild: the real ``callbacks.index_rebuild.IndexRebuild`` (background: true)
-  rebuilding while the main thread keeps taking real training steps of the real
-  ``SampledClassifier`` (select, gather, forward/backward, sparse update); reports the
-  longest step seen while the build ran against the median step without a build.
+- background rebuild (``bench.build_stall``): the real ``IndexMaintainer`` rebuilding in a
+  thread while the main thread keeps taking real training steps of the real
+  ``SampledClassifier``; the longest step while the build ran against the median step.
 
 Weights: families of nearby class vectors (``bench.common.family_rows``); queries: features
 near the rows of random labels. N up to 10^6 (full mode), 10^5 with ``--quick``.
@@ -20,16 +19,15 @@ import argparse
 import logging
 import os
 import time
-from types import SimpleNamespace
 from typing import Any
 
 # Before torch loads OpenMP (see bench.head_speed).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
+from bench.build_stall import COLUMNS as STALL_COLUMNS  # noqa: E402
+from bench.build_stall import stall  # noqa: E402
 from bench.common import (  # noqa: E402
     RunClock,
     family_rows,
@@ -44,14 +42,11 @@ from bench.common import (  # noqa: E402
     setup_run,
     write_json,
 )
-from hf_softmax.classifier import SampledClassifier  # noqa: E402
-from hf_softmax.heads import build_head  # noqa: E402
 from hf_softmax.samplers import build_sampler, exact_topk, recall_at_k  # noqa: E402
 
 log = logging.getLogger("bench.index_cost")
 
 METRIC = "ip"  # the linear head's metric (bench.head_speed uses the linear head too)
-LR = 0.1
 
 
 def _queries(w: np.ndarray, count: int, seed: int) -> np.ndarray:
@@ -153,111 +148,6 @@ def hnsw_rows(
     return rows, base_index
 
 
-class _Host(nn.Module):
-    """The attribute the IndexRebuild callback reads from the LightningModule."""
-
-    def __init__(self, classifier: SampledClassifier) -> None:
-        super().__init__()
-        self.classifier = classifier
-
-
-def background_stall(
-    name: str,
-    w: np.ndarray,
-    batch: int = 256,
-    num: int = 1000,
-    baseline_steps: int = 30,
-    seed: int = 0,
-    refresh_fraction: float | None = None,
-    prebuilt: Any = None,
-) -> dict[str, Any]:
-    """Steps in the main thread while IndexRebuild(background=True) rebuilds in its thread.
-
-    ``refresh_fraction``: for hnsw, touch that fraction of rows first so the callback takes
-    its incremental-refresh path; None = a full build. ``prebuilt``: an index already built
-    over ``w`` (by the tables above) installed instead of the callback's synchronous first
-    build, which would only repeat that build.
-    """
-    from callbacks.index_rebuild import IndexRebuild
-
-    n, d = w.shape
-    head = build_head("linear")
-    sampler = build_sampler(sampler_config(name, num), n, head.metric, seed)
-    clf = SampledClassifier(n, d, head, sampler, seed=seed)
-    clf.weight.copy_(torch.from_numpy(w))
-    host = _Host(clf)
-    trainer = SimpleNamespace(global_step=0, training=False)
-    interval = 10**9  # rebuilds only when this benchmark says so
-    cb = IndexRebuild(interval=interval, background=True)
-    if prebuilt is None:
-        cb.on_train_start(trainer, host)  # synchronous first build
-    else:
-        sampler.swap(prebuilt)
-        clf.pop_touched()
-        cb._active = True  # what on_train_start sets after its first build
-    rng = np.random.default_rng(seed + 3)
-    pool = []
-    for _ in range(8):
-        labels = rng.integers(0, n, batch)
-        feats = features_near(w, labels, noise=0.5, rng=rng)
-        pool.append((torch.from_numpy(feats), torch.from_numpy(labels)))
-
-    def step(i: int) -> float:
-        """One training step including the callback's batch-start hook (where swaps happen)."""
-        t0 = time.perf_counter()
-        cb.on_train_batch_start(trainer, host, None, i)
-        f, y = pool[i % len(pool)]
-        out = clf(f.detach().requires_grad_(True), y)
-        out.loss.backward()
-        clf.step(out, LR)
-        trainer.global_step += 1
-        return time.perf_counter() - t0
-
-    for i in range(3):
-        step(i)
-    base = [step(i) for i in range(baseline_steps)]
-    if refresh_fraction is not None:
-        clf.pop_touched()
-        touched = rng.choice(n, int(refresh_fraction * n), replace=False)
-        clf.store.touched[torch.from_numpy(touched)] = True  # rows "updated since the last build"
-    # trigger: the next step is a scheduled rebuild
-    trainer.global_step = interval
-    during: list[float] = []
-    t_start = time.perf_counter()
-    i = 0
-    builds_before = cb.builds + cb.refreshes
-    while True:
-        during.append(step(i))
-        i += 1
-        if cb.builds + cb.refreshes > builds_before and not cb.busy:
-            break
-        if time.perf_counter() - t_start > 1800:
-            raise TimeoutError(f"background {name} build did not finish in 30 min")
-    wall = time.perf_counter() - t_start
-    after = [step(i + j) for j in range(10)]
-    rec = cb.records()[-1]
-    base_med = float(np.median(base))
-    res = {
-        "index": name,
-        "N": n,
-        "kind": rec["kind"],
-        "build_s": rec["seconds"],
-        "wall_s": wall,
-        "steps_during": len(during),
-        "base_step_s": base_med,
-        "median_during_s": float(np.median(during)),
-        "max_during_s": float(np.max(during)),
-        "first_step_s": during[0],
-        "swap_step_s": during[-1],
-        "median_after_s": float(np.median(after)),
-        "stall_s": float(np.max(during)) - base_med,
-    }
-    res["stall_in_steps"] = res["stall_s"] / base_med
-    res["met"] = res["stall_s"] <= base_med
-    log.info("%s", res)
-    return res
-
-
 def run(quick: bool = False, sizes: list[int] | None = None, dim: int = 256) -> dict[str, Any]:
     sizes = sizes or ([100_000] if quick else [100_000, 1_000_000])
     k = 10
@@ -288,10 +178,8 @@ def run(quick: bool = False, sizes: list[int] | None = None, dim: int = 256) -> 
         hrows, hnsw_index = hnsw_rows(w, q, truth, k, (0.01, 0.10))
         rows += hrows
         if n == sizes[-1]:
-            background.append(background_stall("annoy", w))
-            background.append(
-                background_stall("hnsw", w, refresh_fraction=0.10, prebuilt=hnsw_index)
-            )
+            background.append(stall("annoy", w))
+            background.append(stall("hnsw", w, refresh=True, prebuilt=hnsw_index))
         del hnsw_index
         del w
         free_memory()
@@ -313,19 +201,6 @@ def render(data: dict[str, Any]) -> str:
         ("recall", f"recall@{meta['k']}", lambda x: f"{x:.3f}"),
         ("stale_recall", "recall before refresh", lambda x: f"{x:.3f}"),
     ]
-    bcols = [
-        ("N", "N", fmt_count),
-        ("index", "index", None),
-        ("kind", "rebuild", None),
-        ("build_s", "build time", fmt_seconds),
-        ("steps_during", "steps during build", None),
-        ("base_step_s", "median step (no build)", fmt_seconds),
-        ("median_during_s", "median step (during)", fmt_seconds),
-        ("first_step_s", "trigger step (snapshot, thread start)", fmt_seconds),
-        ("max_during_s", "longest step (during)", fmt_seconds),
-        ("stall_s", "stall = longest − median", fmt_seconds),
-        ("stall_in_steps", "stall / step", lambda x: f"{x:.1f}"),
-    ]
     plot_path = plot(data["rows"])
     return "\n".join(
         [
@@ -337,11 +212,12 @@ def render(data: dict[str, Any]) -> str:
             "",
             markdown_table(data["rows"], cols),
             "",
-            "Background rebuild (real `IndexRebuild(background=True)`; the main thread keeps "
-            "taking real B = 256, M = 1000 steps; the step that triggers the rebuild includes "
-            "the weight snapshot, the step that swaps includes the swap):",
+            "Background rebuild (the real `IndexMaintainer`, a build thread; the main thread "
+            "keeps taking real B = 256, M = 1000 steps; the step that triggers the rebuild "
+            "includes the weight snapshot, the step that swaps includes the swap; the hnsw "
+            "refresh re-inserts the rows the 33 steps before it updated):",
             "",
-            markdown_table(data["background"], bcols),
+            markdown_table(data["background"], STALL_COLUMNS),
             "",
             f"![recall vs build time]({plot_path.name})",
         ]

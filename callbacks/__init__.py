@@ -1,6 +1,7 @@
 """Lightning callbacks used by ``train.py`` (configured in ``conf/callbacks/``)."""
 
 from callbacks.index_rebuild import IndexRebuild, RebuildRecord
+from callbacks.m_schedule import MSchedule
 from callbacks.progress_bar import TrainingProgressBar
 
-__all__ = ["IndexRebuild", "RebuildRecord", "TrainingProgressBar"]
+__all__ = ["IndexRebuild", "MSchedule", "RebuildRecord", "TrainingProgressBar"]

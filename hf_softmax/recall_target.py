@@ -39,7 +39,9 @@ class RecallTarget:
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.target) <= 1.0:
-            raise ValueError(f"sampler.target_recall must be in (0, 1], got {self.target}")
+            raise ValueError(
+                f"callbacks.index_rebuild.target_recall must be in (0, 1], got {self.target}"
+            )
 
     def update(self, sampler: Any, recall: float, k: int, steps_since_swap: int) -> str | None:
         """After a probe: adjust ``sampler.effort`` or ask for a rebuild.

@@ -1,7 +1,9 @@
-"""IndexRebuild on a real HFSoftmaxModule (tiny backbone) over a small in-memory dataset.
+"""IndexRebuild (the Lightning adapter of IndexMaintainer) on a real HFSoftmaxModule (tiny
+backbone) over a small in-memory dataset.
 
 Schedules, background swaps that never block a step, failing builds, recall probes,
-adaptive rebuilds, M schedules, hnsw refresh and checkpointed counters.
+adaptive rebuilds, M schedules (MSchedule), hnsw refresh, checkpointed counters and the
+callback state of checkpoints written before the maintainer existed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.index_rebuild import IndexRebuild
+from callbacks.m_schedule import MSchedule
 from hf_softmax.build import build_module
 from hf_softmax.module import HFSoftmaxModule
 from hf_softmax.samplers.annoy import AnnoySampler
@@ -109,10 +112,10 @@ def test_interval_schedule_sync():
     module = build_module(make_cfg("annoy"), NUM_CLASSES)
     cb = IndexRebuild(interval=3, background=False)
     fit(module, [cb], steps=10)
-    starts = [r.start_step for r in cb.history]
+    starts = [r.start_step for r in cb.maintainer.history]
     assert starts == [0, 3, 6, 9]  # before the first step, then every 3 global steps
-    assert all(r.ok and r.start_step == r.swap_step for r in cb.history)
-    assert cb.builds == 4 and module.classifier.sampler.has_index
+    assert all(r.ok and r.start_step == r.swap_step for r in cb.maintainer.history)
+    assert cb.maintainer.builds == 4 and module.classifier.sampler.has_index
 
 
 def test_background_build_never_blocks_a_step():
@@ -124,18 +127,37 @@ def test_background_build_never_blocks_a_step():
     class Watch(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.setdefault("initial", sampler.index)
-            if 4 < trainer.global_step < 9:  # build started at step 4 still running
-                assert cb.busy and sampler.index is seen["initial"]  # old index serves
+            if 4 < trainer.global_step < 9:
+                # the build started at step 4 is running; the old index serves
+                assert cb.maintainer.busy and sampler.index is seen["initial"]
             if trainer.global_step == 9:
                 sampler.gate.set()  # only reachable if steps 5..8 did not wait for the build
 
     trainer = fit(module, [cb, Watch()], steps=14)
     assert trainer.global_step == 14
     assert not sampler.timed_out
-    background = [r for r in cb.history if r.background]
+    background = [r for r in cb.maintainer.history if r.background]
     assert background and background[0].start_step == 4 and background[0].swap_step >= 9
     assert sampler.build_threads[1].startswith("index-rebuild")  # built off the training thread
     assert sampler.index is not seen["initial"]  # swapped in once done
+
+
+def test_process_builds_are_swapped_in_and_the_worker_stops_at_the_end():
+    module = build_module(make_cfg("annoy", ntrees=4, n_jobs=1), NUM_CLASSES)
+    cb = IndexRebuild(interval=2, background="process", build_threads=1, probe_every=0)
+    seen = {}
+
+    class Watch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen["worker"] = seen.get("worker") or cb.maintainer.worker
+            if trainer.global_step == 3:
+                cb.maintainer.wait(3)  # the build started at step 2 swaps in now
+
+    fit(module, [cb, Watch()], steps=5)
+    history = cb.maintainer.history
+    assert [r.start_step for r in history][:2] == [0, 2] and history[1].ok
+    assert history[1].background and history[1].swap_step == 3
+    assert cb.maintainer.worker is None and not seen["worker"].pid_alive()
 
 
 def test_sync_build_runs_inside_the_step():
@@ -145,7 +167,7 @@ def test_sync_build_runs_inside_the_step():
     sampler = module.classifier.sampler
     assert sampler.timed_out  # nobody could open the gate: the step itself was building
     assert sampler.build_threads[1] == threading.current_thread().name
-    assert [r.start_step for r in cb.history] == [0, 4]
+    assert [r.start_step for r in cb.maintainer.history] == [0, 4]
 
 
 def test_failing_background_build_keeps_old_index_and_retries(caplog):
@@ -158,19 +180,19 @@ def test_failing_background_build_keeps_old_index_and_retries(caplog):
     class Watch(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.setdefault("initial", sampler.index)
-            if cb.failures == 1 and "after_failure" not in seen:
+            if cb.maintainer.failures == 1 and "after_failure" not in seen:
                 seen["after_failure"] = sampler.index
 
-    with caplog.at_level(logging.ERROR, logger="callbacks.index_rebuild"):
+    with caplog.at_level(logging.ERROR, logger="hf_softmax.index_maintainer"):
         trainer = fit(module, [cb, Watch()], steps=12)
     assert trainer.global_step == 12  # training went on
-    assert cb.failures == 1
+    assert cb.maintainer.failures == 1
     assert seen["after_failure"] is seen["initial"]  # the old index kept serving
     errors = [r for r in caplog.records if "failed" in r.getMessage()]
     assert len(errors) == 1  # logged once, with the traceback
     assert "MemoryError: simulated failure of build 2" in errors[0].getMessage()
     assert "Traceback" in errors[0].getMessage()
-    assert cb.builds >= 2 and sampler.calls >= 3  # the next interval retried and succeeded
+    assert cb.maintainer.builds >= 2 and sampler.calls >= 3  # the next interval retried
     assert sampler.index is not seen["initial"]
 
 
@@ -178,15 +200,15 @@ def test_recall_probe_is_logged_and_matches_reference():
     module = build_module(make_cfg("annoy"), NUM_CLASSES)
     cb = IndexRebuild(interval=100, background=False, probe_every=2, probe_k=5)
     trainer = fit(module, [cb], steps=6)
-    assert cb.probes == 3
+    assert cb.maintainer.probes == 3
     logged = float(trainer.callback_metrics["index/recall@5"])
-    assert 0.0 <= logged <= 1.0 and logged == pytest.approx(cb.last_recall)
+    assert 0.0 <= logged <= 1.0 and logged == pytest.approx(cb.maintainer.last_recall)
     # the probe is recall of sampler.query against exact top-k on the same features
     feats = torch.randn(8, 32)
     sampler = module.classifier.sampler
     weights = module.classifier.snapshot_weights()
     expected = recall_at_k(sampler.query(feats.numpy(), 5), exact_topk(weights, feats, 5, "cosine"))
-    assert cb.probe(module, feats)[0] == pytest.approx(expected)
+    assert cb.maintainer.probe(feats)[0] == pytest.approx(expected)
 
 
 def test_adaptive_rebuild_when_recall_low():
@@ -195,8 +217,8 @@ def test_adaptive_rebuild_when_recall_low():
     cb = IndexRebuild(interval=1000, background=False, probe_every=2, adaptive=True,
                       min_recall=1.01)  # fmt: skip
     fit(module, [cb], steps=7)
-    assert cb.adaptive_triggers == 3
-    assert [r.start_step for r in cb.history] == [0, 2, 4, 6]
+    assert cb.maintainer.adaptive_triggers == 3
+    assert [r.start_step for r in cb.maintainer.history] == [0, 2, 4, 6]
 
 
 def test_num_schedule_changes_m():
@@ -207,8 +229,7 @@ def test_num_schedule_changes_m():
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             sizes.append(int(outputs["active_ids"].numel()))
 
-    cb = IndexRebuild(interval=100, num_schedule={0: 32, 3: 64})
-    fit(module, [cb, Record()], steps=5)
+    fit(module, [IndexRebuild(interval=100), MSchedule({0: 32, 3: 64}), Record()], steps=5)
     assert sizes == [32, 32, 32, 64, 64]
 
 
@@ -216,7 +237,7 @@ def test_hnsw_refreshes_touched_rows():
     module = build_module(make_cfg("hnsw", num_threads=1), NUM_CLASSES)
     cb = IndexRebuild(interval=2, background=False)
     fit(module, [cb], steps=5)
-    kinds = [r.kind for r in cb.history]
+    kinds = [r.kind for r in cb.maintainer.history]
     assert kinds[0] == "build" and "refresh" in kinds[1:]
 
 
@@ -225,7 +246,8 @@ def test_no_op_without_index(sampler):
     module = build_module(make_cfg(sampler), NUM_CLASSES)
     cb = IndexRebuild(interval=1, background=True, probe_every=1)
     fit(module, [cb], steps=3)
-    assert cb.builds == 0 and not cb.history and cb.probes == 0
+    assert not cb.maintainer.active and cb.maintainer.builds == 0
+    assert not cb.maintainer.history and cb.maintainer.probes == 0
 
 
 def test_counters_in_checkpoint_never_the_index(tmp_path):
@@ -236,7 +258,7 @@ def test_counters_in_checkpoint_never_the_index(tmp_path):
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)  # plain tensors and numbers only: no index
     state = ckpt["callbacks"]["IndexRebuild"]
-    assert state["builds"] == cb.builds == 3 and state["last_build_step"] == 4
+    assert state["builds"] == cb.maintainer.builds == 3 and state["last_build_step"] == 4
     assert state["probes"] == 1
     fresh = IndexRebuild(interval=2)
     fresh.load_state_dict(state)
@@ -248,8 +270,9 @@ def test_counters_in_checkpoint_never_the_index(tmp_path):
                           enable_model_summary=False, limit_val_batches=0, callbacks=[cb2],
                           default_root_dir=tmp_path)  # fmt: skip
     trainer2.fit(resumed, train_dataloaders=loader(7), ckpt_path=path)
-    assert cb2.history[0].start_step == 5 and cb2.history[0].kind == "build"
-    assert cb2.builds == 3 + 2  # restored counter + rebuild after resume + step 6
+    first = cb2.maintainer.history[0]
+    assert first.start_step == 5 and first.kind == "build"
+    assert cb2.maintainer.builds == 3 + 2  # restored counter + rebuild after resume + step 6
 
 
 def test_config_errors():
@@ -257,3 +280,22 @@ def test_config_errors():
         IndexRebuild(interval=0)
     with pytest.raises(ValueError, match="min_recall"):
         IndexRebuild(adaptive=True, probe_every=5, min_recall=None)
+
+
+@pytest.mark.parametrize("name", ["auto", "annoy", "full", "ddp"])
+def test_legacy_checkpoint_callback_state_loads(name, tmp_path):
+    """Checkpoints of the pre-maintainer code (tests/fixtures/legacy_ckpt) keep their counters."""
+    from pathlib import Path
+
+    path = Path(__file__).parent / "fixtures" / "legacy_ckpt" / f"{name}.ckpt"
+    state = torch.load(path, map_location="cpu", weights_only=False)["callbacks"]["IndexRebuild"]
+    cb = IndexRebuild(interval=2, background=False)
+    cb.load_state_dict(state)
+    assert cb.state_dict() == pytest.approx(state, nan_ok=True)
+    if name != "annoy":
+        return
+    # and a run resumed from it goes on counting from them
+    module = build_module(make_cfg("annoy"), NUM_CLASSES)
+    cb.on_train_start(pl.Trainer(logger=False, enable_progress_bar=False), module)
+    assert cb.maintainer.builds == state["builds"] + 1
+    assert cb.maintainer.last_build_step == 0

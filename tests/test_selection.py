@@ -154,18 +154,17 @@ def test_recall_target_raises_effort_on_a_fresh_index_and_rebuilds_a_stale_one()
 def test_background_auto_builds_exact_inline_and_annoy_in_a_thread():
     from types import SimpleNamespace
 
-    from callbacks.index_rebuild import IndexRebuild
+    from hf_softmax.index_maintainer import IndexMaintainer
 
-    cb = IndexRebuild(background="auto")
-    for name, threaded in (("exact", False), ("annoy", True), ("hnsw", True)):
+    for name, mode in (("exact", "inline"), ("annoy", "thread"), ("hnsw", "thread")):
         sampler = build_sampler({"name": name, "num": 10}, 100, "cosine")
-        assert cb._in_background(SimpleNamespace(classifier=SimpleNamespace(sampler=sampler))) \
-            is threaded  # fmt: skip
+        maintainer = IndexMaintainer(SimpleNamespace(sampler=sampler), background="auto")
+        assert maintainer.mode() == mode
     auto = build_sampler({"name": "auto", "num": 10}, 100, "cosine")
     auto.build_index(np.zeros((100, 8), np.float32))  # N x D small: the exact backend
     assert auto.inline_build
     with pytest.raises(ValueError, match="background"):
-        IndexRebuild(background="sometimes")
+        IndexMaintainer(None, background="sometimes")
 
 
 def test_effort_is_each_index_query_knob():

@@ -1,0 +1,206 @@
+"""Build stalls: how long a training step takes while a background index build or refresh runs.
+
+The real ``IndexMaintainer`` rebuilds the index of a real ``SampledClassifier`` while this
+thread keeps taking real training steps (select, gather, forward/backward, sparse update),
+exactly as ``callbacks.index_rebuild`` drives it. Reported: the longest step seen while the
+build ran against the median step without one (target: longest <= 2x median).
+Modes: ``thread`` (a build thread of the training process) and ``process`` (the spawned
+build worker, ``hf_softmax.build_worker``, given ``build_threads`` cores).
+
+    python -m bench.build_stall --n 100000 1000000 --threads 1 --build-threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from typing import Any
+
+# Before torch loads OpenMP (see bench.head_speed).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    RunClock,
+    family_rows,
+    features_near,
+    fmt_count,
+    fmt_seconds,
+    free_memory,
+    markdown_table,
+    sampler_config,
+    setup_run,
+    write_json,
+)
+from hf_softmax.classifier import SampledClassifier  # noqa: E402
+from hf_softmax.heads import build_head  # noqa: E402
+from hf_softmax.index_maintainer import IndexMaintainer  # noqa: E402
+from hf_softmax.samplers import build_sampler  # noqa: E402
+
+log = logging.getLogger("bench.build_stall")
+
+LR = 0.1
+FAR = 10**9  # an interval no step reaches: rebuilds only when this benchmark asks
+
+
+def stall(
+    name: str,
+    w: np.ndarray,
+    mode: str = "thread",
+    build_threads: int | None = None,
+    refresh: bool = False,
+    prebuilt: Any = None,
+    batch: int = 256,
+    num: int = 1000,
+    baseline_steps: int = 30,
+    seed: int = 0,
+    **knobs: Any,
+) -> dict[str, Any]:
+    """Steps while the maintainer rebuilds ``name``'s index over ``w`` (N, D) in ``mode``.
+
+    refresh: the timed rebuild is the maintainer's refresh of the rows the warm-up and
+    baseline steps touched (hnsw), else a full build. prebuilt: an index already built over
+    ``w`` installed instead of the synchronous first build (thread mode only: in process
+    mode the worker makes the first build, and keeps it for its refreshes).
+    """
+    n, d = w.shape
+    head = build_head("linear")
+    sampler = build_sampler(sampler_config(name, num, **knobs), n, head.metric, seed)
+    clf = SampledClassifier(n, d, head, sampler, seed=seed, weight=torch.from_numpy(w.copy()))
+    m = IndexMaintainer(clf, interval=FAR, background=mode, probe_every=0, refresh=refresh,
+                        build_threads=build_threads)  # fmt: skip
+    rng = np.random.default_rng(seed + 3)
+    pool = []
+    for _ in range(8):
+        labels = rng.integers(0, n, batch)
+        feats = features_near(w, labels, noise=0.5, rng=rng)
+        pool.append((torch.from_numpy(feats), torch.from_numpy(labels)))
+
+    def step(i: int, at: int) -> float:
+        """One training step at global step ``at``, with the maintainer's step-start hook."""
+        t0 = time.perf_counter()
+        m.on_step_start(at)
+        f, y = pool[i % len(pool)]
+        out = clf(f.detach().requires_grad_(True), y)
+        out.loss.backward()
+        clf.step(out, LR)
+        return time.perf_counter() - t0
+
+    if prebuilt is not None and mode == "thread":
+        sampler.swap(prebuilt)
+        clf.pop_touched()
+    else:
+        m.start(0)
+    for i in range(3):
+        step(i, i + 1)
+    base = [step(i, i + 4) for i in range(baseline_steps)]
+    during: list[float] = []
+    done_before = m.builds + m.refreshes
+    t_start = time.perf_counter()
+    i = 0
+    while True:  # the first step is a scheduled rebuild (global step 2 * FAR)
+        during.append(step(i, 2 * FAR if i == 0 else 2 * FAR + i))
+        i += 1
+        if m.builds + m.refreshes > done_before and not m.busy:
+            break
+        if m.failures:
+            raise RuntimeError(f"{mode} {name} build failed: {m.records()[-1]}")
+        if time.perf_counter() - t_start > 1800:
+            raise TimeoutError(f"background {name} build did not finish in 30 min")
+    wall = time.perf_counter() - t_start
+    after = [step(i + j, 2 * FAR + i + j) for j in range(10)]
+    rec = m.records()[-1]
+    m.close()
+    base_med = float(np.median(base))
+    res = {
+        "index": name,
+        "mode": mode,
+        "build_threads": build_threads,
+        "N": n,
+        "kind": rec["kind"],
+        "touched": rec["changed"] / n if rec["kind"] == "refresh" else 1.0,
+        "build_s": rec["seconds"],
+        "wall_s": wall,
+        "steps_during": len(during),
+        "base_step_s": base_med,
+        "median_during_s": float(np.median(during)),
+        "max_during_s": float(np.max(during)),
+        "longest_at": int(np.argmax(during)),  # 0: the trigger step, steps_during - 1: swap
+        "first_step_s": during[0],
+        "swap_step_s": during[-1],
+        "median_after_s": float(np.median(after)),
+        "stall_s": float(np.max(during)) - base_med,
+    }
+    res["max_over_median"] = res["max_during_s"] / base_med
+    res["met"] = res["max_over_median"] <= 2.0
+    log.info("%s", res)
+    return res
+
+
+def run(
+    sizes: list[int], dim: int = 256, modes: tuple[str, ...] = ("thread", "process"),
+    indexes: tuple[str, ...] = ("annoy", "hnsw"), build_threads: int = 1,
+) -> dict[str, Any]:  # fmt: skip
+    clock = RunClock()
+    rows = []
+    for n in sizes:
+        w = family_rows(n, dim, scale=0.05)
+        for name in indexes:
+            knobs = {"n_jobs": build_threads} if name == "annoy" else {"num_threads": 1}
+            for mode in modes:
+                rows.append(stall(name, w, mode, build_threads, refresh=name == "hnsw", **knobs))
+                free_memory()
+        del w
+        free_memory()
+    return {"rows": rows, "meta": clock.meta(dim=dim, build_threads=build_threads)}
+
+
+COLUMNS = [
+    ("N", "N", fmt_count),
+    ("index", "index", None),
+    ("mode", "build in", None),
+    ("kind", "rebuild", None),
+    ("build_s", "build time", fmt_seconds),
+    ("steps_during", "steps during build", None),
+    ("base_step_s", "median step (no build)", fmt_seconds),
+    ("median_during_s", "median step (during)", fmt_seconds),
+    ("first_step_s", "trigger step", fmt_seconds),
+    ("max_during_s", "longest step (during)", fmt_seconds),
+    ("max_over_median", "longest / median", lambda x: f"{x:.1f}"),
+]
+
+
+def render(data: dict[str, Any]) -> str:
+    meta = data["meta"]
+    return "\n".join([
+        f"B = 256, M = 1000, D = {meta['dim']}, torch threads {meta['torch_threads']}, build "
+        f"threads {meta.get('build_threads')}; the real `IndexMaintainer` rebuilds while the "
+        "main thread keeps taking real steps (target: longest step <= 2x the median step).",
+        "",
+        markdown_table(data["rows"], COLUMNS),
+    ])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--n", type=int, nargs="+", default=[100_000])
+    p.add_argument("--d", type=int, default=256)
+    p.add_argument("--modes", nargs="+", default=["thread", "process"])
+    p.add_argument("--indexes", nargs="+", default=["annoy", "hnsw"])
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the trainer")
+    p.add_argument("--build-threads", type=int, default=1)
+    p.add_argument("--out", default="build_stall")
+    args = p.parse_args(argv)
+    setup_run(args.threads)
+    data = run(args.n, args.d, tuple(args.modes), tuple(args.indexes), args.build_threads)
+    write_json(args.out, data)
+    print(render(data))
+    return data
+
+
+if __name__ == "__main__":
+    main()

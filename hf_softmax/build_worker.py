@@ -1,0 +1,273 @@
+"""BuildWorker: index builds in a separate process, so training never waits on them.
+
+``background: process`` (``callbacks.index_rebuild``) hands every rebuild to one spawned
+worker process. Per rebuild, in a thread of the training process that only copies and
+waits (both release the GIL):
+
+1. the (N, D) float32 snapshot is copied into a ``multiprocessing.shared_memory`` block
+   (never pickled); the worker gets its name, the shape and the changed row ids;
+2. the worker builds (or refreshes: it keeps the index it built last, so an hnsw refresh
+   copies no graph in the training process) with its own threads, ``build_threads`` of
+   them (annoy ``n_jobs``, hnsw ``num_threads``), and saves the index to a file;
+3. the trainer loads the file: annoy ``load`` mmaps it (no copy, no parse), hnswlib reads
+   it (a copy of the graph, made while hnswlib holds the GIL: at 10^6 x 256 a few hundred
+   ms), exact ``np.load``; the maintainer swaps the index in at the next step start.
+
+Split the cores: ``torch_threads`` for the trainer, ``build_threads`` for the worker, e.g.
+``torch_threads=1 callbacks.index_rebuild.build_threads=1`` on 2 cores. The worker sets its
+own torch/OpenMP threads to ``build_threads`` too.
+
+A worker that dies (killed, out of memory) fails that rebuild with an error naming its exit
+code instead of hanging; the next rebuild starts a new worker (a full build). Shared memory
+is unlinked and index files deleted after each rebuild; ``close()`` stops the worker and
+removes its temporary directory (also at interpreter exit).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import time
+import traceback
+import weakref
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_BUILD_THREAD_KNOBS = ("n_jobs", "num_threads")  # annoy, hnsw
+_POLL_S = 0.2  # how often a waiting trainer thread checks that the worker still lives
+
+
+def sampler_spec(sampler: Any, build_threads: int | None) -> tuple[type, dict[str, Any]]:
+    """The class and constructor arguments that rebuild ``sampler`` in the worker.
+
+    ``auto`` sends its chosen backend. Knobs are read back from the attributes of the same
+    name; ``build_threads`` replaces the build-thread knob.
+    """
+    target = getattr(sampler, "backend", None) or sampler
+    cls = type(target)
+    kwargs: dict[str, Any] = {}
+    for klass in cls.__mro__:  # subclasses taking (*a, **kw) pass them on to a parent
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        for name, param in params.items():
+            if name == "self" or name in kwargs or param.kind in (param.VAR_POSITIONAL,
+                                                                   param.VAR_KEYWORD):  # fmt: skip
+                continue
+            if hasattr(target, name):
+                kwargs[name] = getattr(target, name)
+            elif param.default is param.empty:
+                raise TypeError(f"sampler {sampler.name!r}: cannot build in a process: its "
+                                f"argument {name!r} is not an attribute")  # fmt: skip
+        if not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values()):
+            break
+    if build_threads is not None:
+        kwargs.update({k: int(build_threads) for k in _BUILD_THREAD_KNOBS if k in kwargs})
+    return cls, kwargs
+
+
+def save_index(index: Any, path: Path) -> tuple[str, dict[str, Any]]:
+    """Write ``index`` to ``path``; returns (kind, what ``load_index`` needs besides it)."""
+    import torch
+    from annoy import AnnoyIndex
+
+    if isinstance(index, torch.Tensor):  # exact: the (normalised) rows
+        with open(path, "wb") as fh:  # np.save(name) would append ".npy"
+            np.save(fh, index.numpy(), allow_pickle=False)
+        return "tensor", {}
+    if isinstance(index, AnnoyIndex):
+        index.save(str(path))
+        return "annoy", {"dim": index.f}
+    if hasattr(index, "save_index"):  # hnswlib
+        index.save_index(str(path))
+        return "hnsw", {"space": index.space, "dim": index.dim, "n": index.max_elements}
+    raise TypeError(f"build worker: cannot save an index of type {type(index).__name__}")
+
+
+def load_index(kind: str, path: Path, info: dict[str, Any], metric: str) -> Any:
+    """The index ``save_index`` wrote (annoy: mmapped, the file may be unlinked afterwards)."""
+    if kind == "tensor":
+        import torch
+
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    if kind == "annoy":
+        from annoy import AnnoyIndex
+
+        index = AnnoyIndex(info["dim"], {"ip": "dot", "cosine": "angular"}[metric])
+        index.load(str(path))
+        return index
+    import hnswlib
+
+    index = hnswlib.Index(space=info["space"], dim=info["dim"])
+    index.load_index(str(path), max_elements=info["n"])
+    return index
+
+
+def _serve(conn: Any, cls: type, kwargs: dict[str, Any], threads: int | None) -> None:
+    """The worker's loop: one request per rebuild, until None or the pipe closes."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    from hf_softmax.samplers.base import Sampler
+
+    sampler = cls(**kwargs)
+    refreshes = cls.refresh is not Sampler.refresh
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        kind, shm_name, shape, changed, path = msg
+        shm = SharedMemory(name=shm_name)
+        t0 = time.perf_counter()
+        try:
+            weights = np.ndarray(shape, np.float32, buffer=shm.buf)
+            index, done = None, "refresh"
+            if kind == "refresh" and sampler.has_index:
+                index = sampler.refresh(weights, changed)
+            if index is None:
+                index, done = sampler.build_index(weights), "build"
+            del weights  # no view may outlive the block
+            if refreshes:  # kept: the next refresh starts from it
+                sampler.swap(index)
+            saved, info = save_index(index, Path(path))
+            conn.send(("ok", done, time.perf_counter() - t0, saved, info))
+        except BaseException:  # noqa: BLE001 - reported to the trainer
+            conn.send(("error", traceback.format_exc()))
+        finally:
+            shm.close()
+
+
+def _stop(proc: Any, conn: Any, tmpdir: str) -> None:
+    """Stop the worker and remove the temporary directory (close() and interpreter exit)."""
+    if conn is not None:
+        try:
+            conn.send(None)
+        except (OSError, ValueError):
+            pass
+    if proc is not None:
+        proc.join(timeout=2)  # a build in flight is not waited for
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+    if conn is not None:
+        conn.close()
+    shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+class BuildWorker:
+    """One spawned build process for one sampler; ``run`` is called from a trainer thread."""
+
+    def __init__(self, sampler: Any, build_threads: int | None = None) -> None:
+        self.sampler = sampler
+        self.build_threads = build_threads
+        self.spec = sampler_spec(sampler, build_threads)
+        self.tmpdir = tempfile.mkdtemp(prefix="hf_softmax-index-")
+        self._proc: Any = None
+        self._conn: Any = None
+        self._count = 0
+        self._finalizer = weakref.finalize(self, _stop, None, None, self.tmpdir)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def pid_alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    def _ensure(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            return
+        if self._conn is not None:
+            self._conn.close()
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        cls, kwargs = self.spec
+        self._proc = ctx.Process(target=_serve, args=(child, cls, kwargs, self.build_threads),
+                                 name="index-build-worker", daemon=True)  # fmt: skip
+        self._proc.start()
+        child.close()
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _stop, self._proc, self._conn, self.tmpdir)
+        log.info("index build worker started (pid %d, build threads %s)", self._proc.pid,
+                 self.build_threads)  # fmt: skip
+
+    def build(self, kind: str, weights: np.ndarray, changed: np.ndarray) -> tuple[Any, str]:
+        """weights (N, D) -> (the index, "build" | "refresh") built by the worker; blocks."""
+        self._ensure()
+        weights = np.ascontiguousarray(weights, dtype=np.float32)
+        self._count += 1
+        path = Path(self.tmpdir) / f"index-{self._count}"
+        shm = _shared_block(weights.nbytes)
+        try:
+            np.copyto(np.ndarray(weights.shape, np.float32, buffer=shm.buf), weights)
+            try:
+                self._conn.send((kind, shm.name, weights.shape, np.asarray(changed), str(path)))
+                reply = self._wait()
+            except (OSError, EOFError) as e:  # the pipe broke: the worker is gone
+                raise self._died() from e
+            if reply[0] == "error":
+                raise RuntimeError(f"index build worker (pid {self.pid}) failed:\n{reply[1]}")
+            _, done, _seconds, saved, info = reply
+            return load_index(saved, path, info, self.sampler.metric), done
+        finally:
+            shm.close()
+            shm.unlink()
+            path.unlink(missing_ok=True)  # an mmapped annoy index keeps its pages
+
+    def _wait(self) -> Any:
+        while not self._conn.poll(_POLL_S):
+            if not self._proc.is_alive():
+                raise self._died()
+        return self._conn.recv()
+
+    def _died(self) -> RuntimeError:
+        proc, self._proc = self._proc, None
+        proc.join(timeout=5)
+        return RuntimeError(
+            f"index build worker (pid {proc.pid}) died with exit code {proc.exitcode} during a "
+            "build (killed or out of memory? its own traceback, if any, is on stderr); the "
+            "next rebuild starts a new worker"
+        )
+
+    def run(self, job: Any, classifier: Any, changed: np.ndarray) -> None:
+        """Fill ``job`` (a ``BuildJob``) from a build of ``classifier``'s current rows."""
+        t0 = time.perf_counter()
+        try:
+            job.index, job.kind_done = self.build(job.kind, classifier.snapshot_weights(),
+                                                  changed)  # fmt: skip
+        except BaseException as e:  # noqa: BLE001 - reported to the training thread
+            job.error = e
+            job.trace = traceback.format_exc()
+        finally:
+            job.seconds = time.perf_counter() - t0
+            job.done.set()
+
+    def close(self) -> None:
+        self._finalizer()
+        self._proc = self._conn = None
+
+
+def _shared_block(nbytes: int) -> SharedMemory:
+    """A shared-memory block of ``nbytes``; a clear error where /dev/shm is too small (a
+    write past its size would kill the process with SIGBUS)."""
+    if os.path.isdir("/dev/shm"):
+        free = shutil.disk_usage("/dev/shm").free
+        if free < nbytes:
+            raise RuntimeError(
+                f"build worker: /dev/shm has {free / 2**30:.2f} GiB free, the snapshot needs "
+                f"{nbytes / 2**30:.2f} GiB (docker: --shm-size)"
+            )
+    return SharedMemory(create=True, size=max(int(nbytes), 1))

@@ -1,0 +1,53 @@
+"""One index rebuild: the record of a build in flight and the build in this process.
+
+``IndexMaintainer`` runs ``run_build`` inline or in a thread; ``build_worker.BuildWorker``
+fills the same ``BuildJob`` from a worker process.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class BuildJob:
+    """One rebuild in flight; ``done`` is set once ``index`` (or ``error``) is there."""
+
+    start_step: int
+    kind: str  # asked: "build" | "refresh"
+    background: bool
+    changed: int = 0  # rows updated since the previous rebuild
+    done: threading.Event = field(default_factory=threading.Event)
+    index: Any = None
+    kind_done: str = ""  # what ran (a refresh the sampler declines is a build)
+    seconds: float = 0.0
+    error: BaseException | None = None
+    trace: str = ""
+
+
+def run_build(job: BuildJob, sampler: Any, weights: Any, changed: np.ndarray) -> None:
+    """Build or refresh into ``job``; ``weights``: (N, D) snapshot or a function returning it."""
+    t0 = time.perf_counter()
+    try:
+        if callable(weights):
+            weights = weights()
+        index = None
+        if job.kind == "refresh" and sampler.has_index:
+            index = sampler.refresh(weights, changed)
+        job.kind_done = "refresh"
+        if index is None:
+            job.kind_done = "build"
+            index = sampler.build_index(weights)
+        job.index = index
+    except BaseException as e:  # noqa: BLE001 - reported to the training thread
+        job.error = e
+        job.trace = traceback.format_exc()
+    finally:
+        job.seconds = time.perf_counter() - t0
+        job.done.set()

@@ -1,0 +1,223 @@
+"""IndexMaintainer without Lightning: a real SampledClassifier, real samplers and indexes,
+driven step by step the way a training loop does (start, on_step_start, forward/backward,
+sparse step, on_step_end)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from hf_softmax.classifier import SampledClassifier
+from hf_softmax.dense_classifier import DenseClassifier
+from hf_softmax.heads import build_head
+from hf_softmax.index_maintainer import IndexMaintainer
+from hf_softmax.samplers import build_sampler, exact_topk, recall_at_k
+from hf_softmax.samplers.annoy import AnnoySampler
+
+N, D, B, M = 300, 16, 8, 40
+
+
+def make(name: str = "exact", **knobs) -> SampledClassifier | DenseClassifier:
+    head = build_head("linear")
+    sampler = build_sampler({"name": name, "num": M, **knobs}, N, head.metric, seed=0)
+    kind = DenseClassifier if sampler.dense else SampledClassifier
+    return kind(N, D, head, sampler, seed=0, init_std=1.0)
+
+
+def train(clf, maintainer: IndexMaintainer, steps: range, seed: int = 0) -> list[dict]:
+    """Real steps; returns the metrics every hook reported."""
+    g = torch.Generator().manual_seed(seed)
+    logged = []
+    for step in steps:
+        logged.append(maintainer.on_step_start(step))
+        labels = torch.randint(N, (B,), generator=g)
+        feats = torch.randn(B, D, generator=g).requires_grad_(True)
+        out = clf(feats, labels)
+        out.loss.backward()
+        clf.step(out, 0.5)
+        logged.append(maintainer.on_step_end(step + 1, feats.detach()))
+    return logged
+
+
+def test_inline_schedule_builds_from_the_current_rows():
+    clf = make("exact")
+    m = IndexMaintainer(clf, interval=3, background=False, probe_every=0)
+    m.start(0)
+    train(clf, m, range(0, 4))
+    assert [r.start_step for r in m.history] == [0, 3] and m.builds == 2
+    # the index is W as it was at the start of step 3 (exact: a copy of the rows)
+    w3 = clf.snapshot_weights()
+    train(clf, m, range(4, 6))
+    assert not torch.equal(m.sampler.index, torch.from_numpy(clf.snapshot_weights()))
+    assert m.on_step_start(6) == {"index/rebuild_seconds": pytest.approx(m.history[-1].seconds),
+                                  "index/builds": 3.0}  # fmt: skip
+    assert torch.equal(m.sampler.index, torch.from_numpy(clf.snapshot_weights()))
+    assert not np.array_equal(w3, clf.snapshot_weights())
+
+
+def test_thread_build_is_swapped_at_a_step_start():
+    clf = make("annoy", ntrees=4, n_jobs=1)
+    m = IndexMaintainer(clf, interval=2, background=True, probe_every=0)
+    assert m.mode() == "thread"
+    m.start(0)
+    first = m.sampler.index
+    train(clf, m, range(0, 3))  # step 2 starts a background build
+    m.wait(3)
+    assert not m.busy and m.sampler.index is not first
+    assert [r.start_step for r in m.history] == [0, 2] and m.history[1].background
+    m.close()
+
+
+def test_probe_matches_exact_reference_and_is_logged():
+    clf = make("annoy", ntrees=2, n_jobs=1)
+    m = IndexMaintainer(clf, interval=100, background=False, probe_every=2, probe_k=5)
+    m.start(0)
+    logged = [x for x in train(clf, m, range(0, 4)) if "index/recall@5" in x]
+    assert len(logged) == 2 and m.probes == 2
+    assert logged[-1]["index/recall@5"] == m.last_recall and logged[-1]["index/k"] == 5.0
+    feats = torch.randn(6, D)
+    expected = recall_at_k(clf.sampler.query(feats.numpy(), 5),
+                           exact_topk(clf.snapshot_weights(), feats, 5, "ip"))  # fmt: skip
+    assert m.probe(feats) == (pytest.approx(expected), 5)
+
+
+def test_probe_k_null_measures_at_the_steps_k():
+    clf = make("exact")
+    m = IndexMaintainer(clf, interval=1, background=False, probe_every=1)
+    m.start(0)
+    logged = train(clf, m, range(0, 1))[-1]
+    assert logged["index/k"] == float(clf.sampler.last_k)
+    assert 0.5 < logged["index/recall@k"] <= 1.0  # exact as of the step start; rows moved since
+
+
+def test_adaptive_rebuilds_at_the_next_step():
+    clf = make("exact")
+    m = IndexMaintainer(clf, interval=1000, background=False, probe_every=2, adaptive=True,
+                        min_recall=1.01)  # fmt: skip
+    m.start(0)
+    train(clf, m, range(0, 5))
+    assert m.adaptive_triggers == 2 and [r.start_step for r in m.history] == [0, 2, 4]
+
+
+def test_target_recall_raises_the_query_effort():
+    clf = make("annoy", ntrees=1, n_jobs=1, search_k=2)
+    m = IndexMaintainer(clf, interval=1000, background=False, probe_every=1, probe_k=20,
+                        target_recall=1.0)  # fmt: skip
+    m.start(0)
+    logged = train(clf, m, range(0, 2))[-1]
+    assert clf.sampler.search_k > 2 and logged["index/effort"] == clf.sampler.search_k
+
+
+def test_hnsw_refreshes_touched_rows():
+    clf = make("hnsw", num_threads=1, refresh_fraction=1.0)
+    m = IndexMaintainer(clf, interval=2, background=False, probe_every=0)
+    m.start(0)
+    train(clf, m, range(0, 3))
+    assert [r.kind for r in m.history] == ["build", "refresh"] and m.refreshes == 1
+
+
+@pytest.mark.parametrize("name", ["random", "full"])
+def test_no_op_without_index(name):
+    clf = make(name)
+    m = IndexMaintainer(clf, interval=1, background=True, probe_every=1)
+    assert not m.active and m.start(0) == {}
+    assert train(clf, m, range(0, 2)) == [{}] * 4 and not m.history
+
+
+def test_state_dict_resumes_the_schedule():
+    clf = make("exact")
+    m = IndexMaintainer(clf, interval=3, background=False, probe_every=2)
+    m.start(0)
+    train(clf, m, range(0, 5))
+    state = m.state_dict()
+    resumed = IndexMaintainer(clf, interval=3, background=False, probe_every=2)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == pytest.approx(state, nan_ok=True)
+    resumed.start(5)  # the index is rebuilt from W, never loaded
+    train(clf, resumed, range(5, 7))
+    assert [r.start_step for r in resumed.history] == [5, 6]
+    assert resumed.builds == state["builds"] + 2 and resumed.probes == state["probes"] + 1
+
+
+def test_close_drops_a_running_build():
+    clf = make("annoy", ntrees=2, n_jobs=1)
+    m = IndexMaintainer(clf, interval=1, background=True, probe_every=0)
+    m.start(0)
+    m.on_step_start(1)
+    assert m.busy
+    m.close()
+    assert not m.busy and m.on_step_start(1) == {}
+
+
+@pytest.mark.parametrize("name", ["annoy", "hnsw", "exact"])
+def test_process_build_matches_a_build_in_this_process(name):
+    """The worker's index (through shared memory and a file) answers like one built here."""
+    knobs = {"annoy": {"ntrees": 4, "n_jobs": 1}, "hnsw": {"num_threads": 1}}.get(name, {})
+    clf = make(name, **knobs)
+    m = IndexMaintainer(clf, interval=100, background="process", probe_every=0, build_threads=1)
+    m.start(0)
+    try:
+        train(clf, m, range(0, 2))
+        m.on_step_start(100)  # the worker builds from the rows as they are now
+        m.wait(100)
+        assert m.failures == 0 and m.history[-1].background and m.worker.pid is not None
+        weights = clf.snapshot_weights()
+        reference = make(name, **knobs).sampler
+        reference.swap(reference.build_index(weights))
+        feats = torch.randn(B, D).numpy()
+        if name != "hnsw":  # annoy: same seed, same rows -> same forest; exact: same rows
+            np.testing.assert_array_equal(clf.sampler.query(feats, 5), reference.query(feats, 5))
+        else:  # hnsw builds in threads: not bit-exact; a good graph all the same
+            truth = exact_topk(weights, feats, 5, "ip")
+            assert recall_at_k(clf.sampler.query(feats, 5), truth) >= 0.8
+        if name == "hnsw":  # the worker refreshes the graph it built (none copied here)
+            train(clf, m, range(101, 102))
+            m.on_step_start(200)
+            m.wait(200)
+            assert [r.kind for r in m.history] == ["build", "refresh", "refresh"]
+            truth = exact_topk(clf.snapshot_weights(), feats, 5, "ip")
+            assert recall_at_k(clf.sampler.query(feats, 5), truth) >= 0.8
+    finally:
+        m.close()
+    assert m.worker is None
+
+
+class CrashingAnnoy(AnnoySampler):
+    """A real Annoy sampler whose build kills its process (as the OOM killer would) while
+    the file ``crash_marker`` exists; the crash removes the file first."""
+
+    def __init__(self, *a, crash_marker: str = "", **kw):
+        super().__init__(*a, **kw)
+        self.crash_marker = crash_marker
+
+    def build_index(self, weights):
+        if self.crash_marker and os.path.exists(self.crash_marker):
+            os.remove(self.crash_marker)
+            os._exit(3)
+        return super().build_index(weights)
+
+
+def test_process_worker_crash_is_a_clear_failure_and_the_next_build_recovers(caplog, tmp_path):
+    marker = tmp_path / "crash"
+    sampler = CrashingAnnoy(N, M, "ip", 0, ntrees=2, n_jobs=1, crash_marker=str(marker))
+    clf = SampledClassifier(N, D, build_head("linear"), sampler, seed=0, init_std=1.0)
+    m = IndexMaintainer(clf, interval=100, background="process", probe_every=0)
+    m.start(0)
+    try:
+        m.on_step_start(100)
+        m.wait(100)
+        first, tmpdir = m.worker.pid, m.worker.tmpdir
+        marker.touch()
+        with caplog.at_level("ERROR", logger="hf_softmax.index_maintainer"):
+            m.on_step_start(200)
+            m.wait(200)  # returns: a dead worker is an error, not a hang
+        assert m.failures == 1 and "died with exit code 3" in caplog.text
+        m.on_step_start(300)  # a new worker builds
+        m.wait(300)
+        assert m.failures == 1 and m.history[-1].ok and m.worker.pid != first
+    finally:
+        m.close()
+    assert not os.path.exists(tmpdir)
