@@ -3,6 +3,7 @@
 import math
 from pathlib import Path
 
+import hydra.utils
 import pytest
 import torch
 import yaml
@@ -93,8 +94,9 @@ def test_registry_metrics_configs_and_errors():
     for name in ("cosface", "arcface"):
         assert build_head(name).metric == "cosine"
     for path in sorted(CONF.glob("*.yaml")):
-        cfg = yaml.safe_load(path.read_text())
-        head = build_head(**cfg)
+        cfg = yaml.safe_load(path.read_text())  # a _target_ node (objects built by Hydra)
+        head = hydra.utils.instantiate(cfg)
+        assert isinstance(head, HEADS[path.stem])
         assert head.scale == cfg["scale"] and head.margin == cfg["margin"]
     with pytest.raises(ValueError, match="valid names"):
         build_head("sphereface")
