@@ -80,10 +80,13 @@ def stall(
         feats = features_near(w, labels, noise=0.5, rng=rng)
         pool.append((torch.from_numpy(feats), torch.from_numpy(labels)))
 
+    hooks: list[float] = []  # the maintainer's share of each step (swap, old index dropped)
+
     def step(i: int, at: int) -> float:
         """One training step at global step ``at``, with the maintainer's step-start hook."""
         t0 = time.perf_counter()
         m.on_step_start(at)
+        hooks.append(time.perf_counter() - t0)
         f, y = pool[i % len(pool)]
         out = clf(f.detach().requires_grad_(True), y)
         out.loss.backward()
@@ -99,6 +102,7 @@ def stall(
         step(i, i + 1)
     base = [step(i, i + 4) for i in range(baseline_steps)]
     during: list[float] = []
+    hooks.clear()
     done_before = m.builds + m.refreshes
     t_start = time.perf_counter()
     i = 0
@@ -130,6 +134,7 @@ def stall(
         "median_during_s": float(np.median(during)),
         "max_during_s": float(np.max(during)),
         "longest_at": int(np.argmax(during)),  # 0: the trigger step, steps_during - 1: swap
+        "max_hook_s": float(np.max(hooks[: len(during)])),
         "first_step_s": during[0],
         "swap_step_s": during[-1],
         "median_after_s": float(np.median(after)),
