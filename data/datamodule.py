@@ -137,6 +137,9 @@ class RecordDataModule(pl.LightningDataModule):
         self.bin_datasets: dict[str, BinImageDataset] = {}
         self.verification_sets: dict = {}
         self.val_names: list[str] = []
+        # the next batch's labels with each training batch (set by the module when its
+        # classifier selects ahead, ``classifier.prefetch``; data.resumable)
+        self.lookahead = False
 
     # ------------------------------------------------------------------ locations
     def _demo_root(self) -> Path:
@@ -254,6 +257,7 @@ class RecordDataModule(pl.LightningDataModule):
             collate_fn=collate_images,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and workers > 0,
+            **({"lookahead": self.lookahead} if train else {}),
         )
 
     def train_dataloader(self) -> DataLoader:

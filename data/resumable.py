@@ -12,7 +12,8 @@ with another world size restarts that epoch's order (logged warning).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch.distributed as dist
@@ -120,10 +121,35 @@ class ResumableDataLoader(DataLoader):
     """A DataLoader that Lightning checkpoints (``state_dict``) and restores mid-epoch.
 
     Its sampler must be a ``ResumableSampler``; the state is the sampler's.
+    lookahead: yield each batch as ``(*batch, next_labels)``, the next batch's labels
+    ``batch[1]`` as a numpy int64 array (empty after the last batch), kept out of the device
+    transfer, so the model can select the next step ahead. The loader reads one batch ahead;
+    resume is unaffected because the sampler counts the batches training consumed.
     """
+
+    def __init__(self, *args: Any, lookahead: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lookahead = bool(lookahead)
+
+    def __iter__(self) -> Iterator[Any]:
+        it = super().__iter__()
+        if not self.lookahead:
+            return it
+        return _with_next_labels(it)
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
+
+
+def _with_next_labels(batches: Iterable[Any]) -> Iterator[tuple[Any, ...]]:
+    """(images, labels, ...) batches -> (images, labels, ..., next batch's labels as numpy)."""
+    it = iter(batches)
+    current = next(it, None)
+    while current is not None:
+        following = next(it, None)
+        labels = np.empty(0, np.int64) if following is None else following[1].numpy()
+        yield (*current, labels)
+        current = following

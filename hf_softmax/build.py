@@ -85,6 +85,7 @@ def build_classifier(
         momentum=float(optim_cfg.get("momentum", 0.0)),
         weight_decay=float(optim_cfg.get("weight_decay", 0.0)),
         offload=offload,
+        prefetch=classifier_cfg.get("prefetch", "auto"),
         shard=bool(sharded),
         **common,
     )

@@ -11,7 +11,9 @@ waits (both release the GIL):
    them (annoy ``n_jobs``, hnsw ``num_threads``), and saves the index to a file;
 3. the trainer loads the file: annoy ``load`` mmaps it (no copy, no parse), hnswlib reads
    it (a copy of the graph, made while hnswlib holds the GIL: at 10^6 x 256 a few hundred
-   ms), exact ``np.load``; the maintainer swaps the index in at the next step start.
+   ms), exact ``np.load``; the maintainer swaps the index in at the next step start. In
+   label mode (``sampler.query=label``) the worker also computes the class-neighbour table
+   from the fresh index and hands it back as ``<index file>.table.npy``.
 
 Split the cores: ``torch_threads`` for the trainer, ``build_threads`` for the worker, e.g.
 ``torch_threads=1 callbacks.index_rebuild.build_threads=1`` on 2 cores. The worker sets its
@@ -50,10 +52,12 @@ def sampler_spec(sampler: Any, build_threads: int | None) -> tuple[type, dict[st
     """The class and constructor arguments that rebuild ``sampler`` in the worker.
 
     ``auto`` sends its chosen backend. Knobs are read back from the attributes of the same
-    name; ``build_threads`` replaces the build-thread knob.
+    name (or the one ``knob_attributes`` maps it to); ``build_threads`` replaces the
+    build-thread knob.
     """
     target = getattr(sampler, "backend", None) or sampler
     cls = type(target)
+    renamed = getattr(cls, "knob_attributes", {})
     kwargs: dict[str, Any] = {}
     for klass in cls.__mro__:  # subclasses taking (*a, **kw) pass them on to a parent
         if "__init__" not in vars(klass):
@@ -63,8 +67,8 @@ def sampler_spec(sampler: Any, build_threads: int | None) -> tuple[type, dict[st
             if name == "self" or name in kwargs or param.kind in (param.VAR_POSITIONAL,
                                                                    param.VAR_KEYWORD):  # fmt: skip
                 continue
-            if hasattr(target, name):
-                kwargs[name] = getattr(target, name)
+            if hasattr(target, renamed.get(name, name)):
+                kwargs[name] = getattr(target, renamed.get(name, name))
             elif param.default is param.empty:
                 raise TypeError(f"sampler {sampler.name!r}: cannot build in a process: its "
                                 f"argument {name!r} is not an attribute")  # fmt: skip
@@ -112,6 +116,11 @@ def load_index(kind: str, path: Path, info: dict[str, Any], metric: str) -> Any:
     return index
 
 
+def table_path(index_path: str | Path) -> Path:
+    """Where the worker writes the class-neighbour table of the index at ``index_path``."""
+    return Path(f"{index_path}.table.npy")
+
+
 def _serve(conn: Any, cls: type, kwargs: dict[str, Any], threads: int | None) -> None:
     """The worker's loop: one request per rebuild, until None or the pipe closes."""
     if threads is not None:
@@ -139,10 +148,15 @@ def _serve(conn: Any, cls: type, kwargs: dict[str, Any], threads: int | None) ->
                 index = sampler.refresh(weights, changed)
             if index is None:
                 index, done = sampler.build_index(weights), "build"
+            table = sampler.build_table(index, weights)  # label mode: (N, K) int32
             del weights  # no view may outlive the block
             if refreshes:  # kept: the next refresh starts from it
                 sampler.swap(index)
             saved, info = save_index(index, Path(path))
+            if table is not None:  # handed back next to the index file
+                with open(table_path(path), "wb") as fh:
+                    np.save(fh, table, allow_pickle=False)
+            info["table"] = table is not None
             conn.send(("ok", done, time.perf_counter() - t0, saved, info))
         except BaseException:  # noqa: BLE001 - reported to the trainer
             conn.send(("error", traceback.format_exc()))
@@ -204,8 +218,11 @@ class BuildWorker:
         log.info("index build worker started (pid %d, build threads %s)", self._proc.pid,
                  self.build_threads)  # fmt: skip
 
-    def build(self, kind: str, weights: np.ndarray, changed: np.ndarray) -> tuple[Any, str]:
-        """weights (N, D) -> (the index, "build" | "refresh") built by the worker; blocks."""
+    def build(
+        self, kind: str, weights: np.ndarray, changed: np.ndarray
+    ) -> tuple[Any, str, np.ndarray | None]:
+        """weights (N, D) -> (the index, "build" | "refresh", the class-neighbour table or
+        None) built by the worker; blocks."""
         self._ensure()
         weights = np.ascontiguousarray(weights, dtype=np.float32)
         self._count += 1
@@ -221,11 +238,13 @@ class BuildWorker:
             if reply[0] == "error":
                 raise RuntimeError(f"index build worker (pid {self.pid}) failed:\n{reply[1]}")
             _, done, _seconds, saved, info = reply
-            return load_index(saved, path, info, self.sampler.metric), done
+            table = np.load(table_path(path), allow_pickle=False) if info["table"] else None
+            return load_index(saved, path, info, self.sampler.metric), done, table
         finally:
             shm.close()
             shm.unlink()
             path.unlink(missing_ok=True)  # an mmapped annoy index keeps its pages
+            table_path(path).unlink(missing_ok=True)
 
     def _wait(self) -> Any:
         while not self._conn.poll(_POLL_S):
@@ -246,8 +265,9 @@ class BuildWorker:
         """Fill ``job`` (a ``BuildJob``) from a build of ``classifier``'s current rows."""
         t0 = time.perf_counter()
         try:
-            job.index, job.kind_done = self.build(job.kind, classifier.snapshot_weights(),
-                                                  changed)  # fmt: skip
+            job.index, job.kind_done, job.table = self.build(
+                job.kind, classifier.snapshot_weights(), changed
+            )
         except BaseException as e:  # noqa: BLE001 - reported to the training thread
             job.error = e
             job.trace = traceback.format_exc()

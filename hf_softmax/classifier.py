@@ -6,6 +6,10 @@ One step, on one process or on every rank of a process group in lockstep::
     out.loss.backward()                  grads of the features and of the leaf rows W[A]
     classifier.step(out, lr)             lazy SGD momentum + wd on the rows A (RowStore.step_)
 
+With ``next_labels`` (the next batch's labels) and a label-mode sampler, ``forward`` also
+selects the next step's active set and stages its rows (``prefetch``;
+``hf_softmax.select_ahead``, ``hf_softmax.row_prefetch``).
+
 ``forward``: the batch is all-gathered (not on one process); this rank's sampler picks M_r
 (its share of M) of the classes it owns (all N on one process); logits (B, M_r) =
 head(F, W[A_r]); the loss is ``F.cross_entropy`` on one process, else the distributed softmax
@@ -42,6 +46,7 @@ from hf_softmax.heads import MarginHead
 from hf_softmax.output import ClassifierOutput
 from hf_softmax.row_store import RowStore, initial_rows
 from hf_softmax.samplers.base import Sampler
+from hf_softmax.select_ahead import SelectAhead, prefetch_setting
 from hf_softmax.shard import (
     SamplerFactory,
     check_sampler,
@@ -68,6 +73,8 @@ class SampledClassifier(nn.Module):
     num: M, active classes per step summed over ranks (default: the sampler's).
     weight: initial W (N, D) float32, used in place (device and pinning kept; sliced under
     DDP); default N(0, ``init_std``) by seeded blocks (``row_store.initial_rows``).
+    prefetch: "auto" | True | False: select the next step ahead and stage its rows
+    (``hf_softmax.select_ahead``; auto: CUDA with offloaded rows).
     shard: with a factory, split the rows over the ranks of ``group`` when it is initialised
     with size > 1 (false: every rank keeps all N rows and issues no collective).
     """
@@ -88,8 +95,11 @@ class SampledClassifier(nn.Module):
         shard: bool = True,
         group: Any = None,
         ddp_grad_scale: bool = True,
+        prefetch: str | bool = "auto",
     ) -> None:
         super().__init__()
+        self.prefetch = prefetch_setting(prefetch)
+        self.ahead = SelectAhead()
         if not isinstance(head, MarginHead):
             raise TypeError(f"classifier: head must be a MarginHead, got {type(head).__name__}")
         self.num_classes, self.embedding_dim = int(num_classes), int(embedding_dim)
@@ -213,9 +223,20 @@ class SampledClassifier(nn.Module):
         self._ensure().place(self._device)
 
     # -- training --------------------------------------------------------------------------
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> ClassifierOutput:
+    def selects_ahead(self, device: torch.device | None = None) -> bool:
+        """Whether ``forward`` selects the next step ahead (label-mode sampler, one process,
+        ``prefetch`` true, or auto with offloaded rows on a CUDA ``device``)."""
+        store = self._ensure()
+        if self.world_size != 1 or not self._sampler.selects_ahead or self.prefetch is False:
+            return False
+        device = torch.device(device) if device is not None else self._device
+        return self.prefetch is True or (store.offload and device.type == "cuda")
+
+    def forward(
+        self, features: torch.Tensor, labels: torch.Tensor, next_labels: torch.Tensor | None = None
+    ) -> ClassifierOutput:
         """features (B_r, D), labels (B_r,) int64 in 0..N-1 -> ClassifierOutput (collective
-        under DDP)."""
+        under DDP). next_labels: the next batch's labels (B',) (selection ahead), or None."""
         store = self._ensure()
         labels = labels.to(features.device, torch.int64).view(-1)
         feats, all_labels = features, labels  # (B, D), (B,): every rank's samples
@@ -223,10 +244,15 @@ class SampledClassifier(nn.Module):
             scale = float(self.world_size) if self.ddp_grad_scale else 1.0
             feats, all_labels = coll.gather_batch(features, labels, self.group, scale)
         if self.world_size == 1:
-            active = self._sampler.select(feats.detach(), all_labels)
+            active = self.ahead.take(self._sampler, all_labels)
+            if active is None:
+                store.staged = None
+                active = self._sampler.select(feats.detach(), all_labels)
         else:  # local ids; targets into them or -1
             active = select_in_shard(self._sampler, feats.detach(), all_labels, *store.range)
         leaf = store.gather(active.ids, features.device)  # W[A_r] (M_r, D)
+        if next_labels is not None and next_labels.numel() and self.selects_ahead(feats.device):
+            store.prefetch(self.ahead.select(self._sampler, next_labels).ids, feats.device)
         targets = active.targets.to(features.device, non_blocking=True)
         logits = margin_logits(self.head, feats, leaf, targets)
         if active.logit_adjust is not None:  # sampling correction (loss only; see Sampler)
@@ -295,6 +321,8 @@ class SampledClassifier(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         state = self._ensure().state()
+        self.ahead.undo(self._sampler)  # saved as before the selection made ahead
+        self._store.staged = None
         for key in ("weight", "momentum", "num_updates", "touched"):
             value = state[key]
             if self.world_size > 1 and key != "num_updates":
@@ -307,6 +335,7 @@ class SampledClassifier(nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         store = self._ensure()
+        self.ahead.undo(None)
         found = {k: state_dict[prefix + k] for k in _KEYS if prefix + k in state_dict}
         # a dense checkpoint (sampler=full) has no momentum: it starts at zero
         missing_keys += [prefix + k for k in _KEYS if strict and k not in found and k != "momentum"]

@@ -1,5 +1,7 @@
 """One index rebuild: the record of a build in flight and the build in this process.
 
+A build also makes the sampler's class-neighbour table (label mode) from the fresh index.
+
 ``IndexMaintainer`` runs ``run_build`` inline or in a thread; ``build_worker.BuildWorker``
 fills the same ``BuildJob`` from a worker process.
 """
@@ -25,6 +27,7 @@ class BuildJob:
     changed: int = 0  # rows updated since the previous rebuild
     done: threading.Event = field(default_factory=threading.Event)
     index: Any = None
+    table: np.ndarray | None = None  # label mode: the class-neighbour table of ``index``
     kind_done: str = ""  # what ran (a refresh the sampler declines is a build)
     seconds: float = 0.0
     error: BaseException | None = None
@@ -44,6 +47,7 @@ def run_build(job: BuildJob, sampler: Any, weights: Any, changed: np.ndarray) ->
         if index is None:
             job.kind_done = "build"
             index = sampler.build_index(weights)
+        job.table = sampler.build_table(index, weights)  # None in feature mode
         job.index = index
     except BaseException as e:  # noqa: BLE001 - reported to the training thread
         job.error = e

@@ -14,7 +14,9 @@ Schedule (``interval`` in global optimizer steps):
 - ``on_step_end(step, features)`` every ``probe_every`` steps measures recall@k of the index
   against exact top-k (``samplers.exact.exact_topk``) on the step's features; ``adaptive``
   rebuilds at the next step when it falls below ``min_recall``, ``target_recall`` tunes the
-  query effort or rebuilds early (``hf_softmax.recall_target``).
+  query effort or rebuilds early (``hf_softmax.recall_target``). In label mode
+  (``sampler.query=label``) the probe measures the class-neighbour table instead: the table
+  rows of the last batch's classes against their exact K nearest rows now (k = table_k).
 
 Build modes (``RebuildSettings.background``): inline (the step waits); a thread (copies the
 weights and builds in a daemon thread; a row a concurrent step writes may be copied
@@ -137,7 +139,7 @@ class IndexMaintainer:
             raise RuntimeError(
                 f"initial index build of sampler {sampler.name!r} failed at step {step}"
             ) from job.error
-        sampler.swap(job.index)
+        sampler.swap(job.index, job.table)
         self.builds += 1
         self.last_build_step = step
         self.history.append(RebuildRecord(step, step, job.seconds, "build", False))
@@ -191,6 +193,9 @@ class IndexMaintainer:
         from hf_softmax.samplers.exact import exact_topk, recall_at_k
 
         sampler = self.sampler
+        table = getattr(sampler, "table", None)
+        if getattr(sampler, "query_mode", "feature") == "label" and table is not None:
+            return self._probe_table(table)
         if isinstance(features, torch.Tensor):
             features = features.detach().to("cpu", torch.float32).numpy()
         feats = np.ascontiguousarray(features, dtype=np.float32)
@@ -203,6 +208,18 @@ class IndexMaintainer:
         self.probes += 1
         self.last_recall = recall
         return recall, k
+
+    def _probe_table(self, table: np.ndarray) -> tuple[float, int]:
+        """Label mode: recall of the table rows of the last batch's classes against the exact
+        K nearest other rows now (index misses and drift since the build together)."""
+        from hf_softmax.class_table import table_recall
+
+        recall = table_recall(table, self.classifier.snapshot_weights(),
+                              self.sampler.last_positives, self.sampler.metric,
+                              self.settings.exact_chunk_size)  # fmt: skip
+        self.probes += 1
+        self.last_recall = recall
+        return recall, int(table.shape[1])
 
     def wait(self, step: int) -> dict[str, float]:
         """Block until a running background build is finished and swapped (tests, shutdown)."""
@@ -270,7 +287,7 @@ class IndexMaintainer:
             self.history.append(RebuildRecord(job.start_step, step, job.seconds, job.kind,
                                               job.background, False, job.changed))  # fmt: skip
             return {}
-        sampler.swap(job.index)
+        sampler.swap(job.index, job.table)
         self.last_swap_step = step
         if job.kind_done == "refresh":
             self.refreshes += 1

@@ -125,6 +125,14 @@ class HFSoftmaxModule(pl.LightningModule):
         self._last_step_time: float | None = None
         self._val = ValidationEpoch(self.val_nfolds)
 
+    def setup(self, stage: str) -> None:
+        """Ask the DataModule (one with a ``lookahead`` attribute) for the next batch's labels
+        with each batch when the classifier selects ahead (``classifier.prefetch``)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        ahead = getattr(self.classifier, "selects_ahead", None)
+        if stage == "fit" and dm is not None and hasattr(dm, "lookahead") and ahead is not None:
+            dm.lookahead = bool(ahead(self.trainer.strategy.root_device))
+
     # -- placement -------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         self.classifier.place(self.device)
@@ -181,7 +189,11 @@ class HFSoftmaxModule(pl.LightningModule):
         sched = self.lr_schedulers()
         lr = float(opt.param_groups[0]["lr"])  # this step's lr, shared with the sparse rows
         features = self.backbone(images)  # (B, D)
-        out = self.classifier(features, labels)
+        ahead = batch[2] if len(batch) > 2 else None  # the next batch's labels (lookahead)
+        if ahead is not None and getattr(self.classifier, "selects_ahead", None) is not None:
+            out = self.classifier(features, labels, torch.as_tensor(ahead))
+        else:
+            out = self.classifier(features, labels)
         loss = out.loss
         if not bool(torch.isfinite(loss)):
             self._nonfinite(f"loss ({float(loss)})", batch_idx)

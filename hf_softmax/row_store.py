@@ -11,7 +11,9 @@ decay, no momentum movement): skipped, not deferred, the per-row parameter-serve
 of the original HF-Softmax.
 
 Offload: W and momentum stay in host memory (pinned when the compute device is CUDA) and
-only W[A] (M, D) crosses to the device per step.
+only W[A] (M, D) crosses to the device per step. ``prefetch`` stages the next step's W[A]
+ahead (``hf_softmax.row_prefetch``); ``gather`` of the same ids takes it, kept fresh by
+``step_``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from hf_softmax.heads import MarginHead
+from hf_softmax.row_prefetch import StagedRows, refresh_staged, stage_rows
 
 INIT_BLOCK = 65536  # rows per independently seeded block of the initial W
 
@@ -128,6 +131,8 @@ class RowStore:
         self.weight_decay = float(weight_decay)
         self.offload = bool(offload)
         self.num_updates = 0
+        self.staged: StagedRows | None = None  # the next step's rows (``prefetch``)
+        self.staged_hits = 0  # gathers served from staged rows
 
     @property
     def end(self) -> int:
@@ -156,6 +161,7 @@ class RowStore:
         """Where the rows live for compute on ``device``: there, or with offload in host
         memory, pinned when ``device`` is CUDA so the per-step gathers copy asynchronously."""
         device = torch.device(device)
+        self.staged = None
         if not self.offload:
             self.apply_(lambda t: t.to(device))
             return
@@ -167,14 +173,19 @@ class RowStore:
     def apply_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """``nn.Module._apply``'s ``fn`` (``.to``, ``.cuda``) on W and momentum, unless offload."""
         if not self.offload:
+            self.staged = None
             self.weight, self.momentum_buffer = fn(self.weight), fn(self.momentum_buffer)
 
     # -- training --------------------------------------------------------------------------
     def gather(self, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
         """ids (M,) CPU int64 local -> W[ids] (M, D) on ``device``, a fresh autograd leaf that
-        requires grad when grad is enabled (backward fills the ``.grad`` that ``step_`` uses)."""
-        w = self.weight
-        if w.device == device:
+        requires grad when grad is enabled (backward fills the ``.grad`` that ``step_`` uses).
+        Rows staged by ``prefetch`` for the same ids and device are taken instead."""
+        w, staged, self.staged = self.weight, self.staged, None
+        if staged is not None and staged.device == device and torch.equal(staged.ids, ids.cpu()):
+            self.staged_hits += 1
+            rows = staged.ready()
+        elif w.device == device:
             rows = w.index_select(0, ids.to(device))
         elif w.device.type == "cpu" and device.type == "cuda":
             # Fresh pinned buffer from torch's caching host allocator: it records the copy's
@@ -185,6 +196,11 @@ class RowStore:
         else:
             rows = w.index_select(0, ids.to(w.device)).to(device)
         return rows.detach().requires_grad_(torch.is_grad_enabled())
+
+    def prefetch(self, ids: torch.Tensor, device: torch.device) -> None:
+        """Start staging W[ids] (M,) local on ``device`` for the next ``gather`` of ``ids``
+        (CUDA + offload: an async copy on a side stream; else a plain gather)."""
+        self.staged = stage_rows(self.weight, ids, torch.device(device))
 
     @torch.no_grad()
     def step_(self, ids: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
@@ -200,6 +216,8 @@ class RowStore:
         weight.index_copy_(0, ids_w, w.add_(v, alpha=-lr))
         self.touched[ids.cpu()] = True
         self.num_updates += 1
+        if self.staged is not None:  # staged rows this update moved: gathered again
+            refresh_staged(self.staged, weight, ids)
 
     # -- index support ---------------------------------------------------------------------
     def snapshot(self) -> np.ndarray:
@@ -239,6 +257,7 @@ class RowStore:
         ``touched`` in ``found`` (those present) into this store, keeping device and pinning;
         a tensor of the wrong shape goes to ``errors`` naming ``prefix + key``."""
         shape = (num_classes, self.weight.shape[1])
+        self.staged = None
         for key, target in (("weight", self.weight), ("momentum", self.momentum_buffer)):
             if key not in found:
                 continue

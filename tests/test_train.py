@@ -107,10 +107,16 @@ def test_every_sampler_trains_a_few_steps(sampler, tmp_path, capsys):
     assert saved["sampler"]["_target_"] == cfg.sampler._target_
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+# label-driven selection, selected ahead from the loader's lookahead (classifier.prefetch)
+LABEL_AHEAD = ["sampler=exact", "sampler.query=label", "sampler.table_k=4",
+               "classifier.prefetch=true"]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", [[], LABEL_AHEAD], ids=["feature", "label_ahead"])
+def test_resume_equals_uninterrupted(tmp_path, mode):
     """K steps + resume + K steps == 2K steps (K = one epoch: Lightning resumes map-style data
     at epoch boundaries; the module reseeds data order and flips from (seed, epoch))."""
-    common = [
+    common = mode + [
         "logger=csv",
         "callbacks.index_rebuild.background=false",
         "trainer.limit_val_batches=0",

@@ -44,10 +44,11 @@ class AutoSampler(Sampler):
     ) -> None:
         super().__init__(num_classes, num, metric, seed, **selection)
         self.exact_max_elements = int(exact_max_elements)
+        mode = {"query": self.query_mode, "table_k": self.table_k}  # the backend builds tables
         self.backends: dict[str, Sampler] = {
-            "exact": ExactSampler(num_classes, num, metric, seed, chunk_size),
+            "exact": ExactSampler(num_classes, num, metric, seed, chunk_size, **mode),
             "annoy": AnnoySampler(
-                num_classes, num, metric, seed, ntrees, search_k, n_jobs, query_threads
+                num_classes, num, metric, seed, ntrees, search_k, n_jobs, query_threads, **mode
             ),
         }
         self.backend: Sampler | None = None  # chosen at the first build
@@ -79,9 +80,12 @@ class AutoSampler(Sampler):
         return self.choose(n, d).build_index(weights)
 
     def query(self, features: np.ndarray, k: int) -> np.ndarray:
+        return self.query_index(self._index, features, k)
+
+    def query_index(self, index: Any, features: np.ndarray, k: int) -> np.ndarray:
         if self.backend is None:
             raise RuntimeError("sampler 'auto': query before the first build")
-        return self.backend.query_index(self._index, features, k)
+        return self.backend.query_index(index, features, k)
 
     # target_recall tunes the backend's query effort; exact has none (always perfect)
     @property

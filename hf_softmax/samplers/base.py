@@ -9,6 +9,10 @@ M = ``num`` class ids:
    deduplicated, positives removed, trimmed to M - |P|;
 3. uniform random classes not yet chosen until there are exactly M.
 
+``query="label"`` replaces step 2 by a lookup: the union of the positives' rows of the
+class-neighbour table (``hf_softmax.class_table``, built with every index), in the same
+rank-major order; it needs no features, so a step can be selected ahead.
+
 Labels are remapped into 0..M-1 (``targets``). Before the first ``swap`` an index sampler
 selects like ``random`` and logs that once.
 
@@ -27,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from hf_softmax.class_table import QUERY_MODES, neighbour_table, table_candidates
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +67,12 @@ class Sampler:
 
     num_classes: N; num: M (active classes per step); metric: "ip" | "cosine" (must match the
     head); seed: seeds the torch generator used for the random fill; random_fraction,
-    index_after, correction: the selection knobs (``configure``). Subclasses take their own
-    knobs and pass ``**selection`` on, so ``conf/sampler/<name>.yaml`` (``_partial_: true``)
-    holds M, the selection knobs and the kind's knobs; N, the metric and the seed are given
-    when the data is known.
+    index_after, correction: the selection knobs (``configure``). query: "feature" (each
+    feature's nearest rows, queried per step) or "label" (the positives' rows of the
+    class-neighbour table, K = ``table_k`` per class, built with the index). Subclasses take
+    their own knobs and pass ``**selection`` on, so ``conf/sampler/<name>.yaml``
+    (``_partial_: true``) holds M, the selection knobs and the kind's knobs; N, the metric
+    and the seed are given when the data is known.
     """
 
     name: str = "base"
@@ -78,6 +86,8 @@ class Sampler:
     correction: str = "none"
     inline_build: bool = False  # builds cheap enough to run inside the step (background: auto)
     effort_knob: str | None = None  # the query-effort knob ``target_recall`` tunes, if any
+    # constructor knobs kept under another attribute name (``query`` is also a method)
+    knob_attributes = {"query": "query_mode"}
 
     def __init__(
         self,
@@ -88,7 +98,16 @@ class Sampler:
         random_fraction: float = 0.0,
         index_after: int = 0,
         correction: str = "none",
+        query: str = "feature",
+        table_k: int = 16,
     ) -> None:
+        if query not in QUERY_MODES:
+            raise ValueError(
+                f"sampler {self.name!r}: query must be one of {QUERY_MODES}, got {query!r}"
+            )
+        if int(table_k) < 1:
+            raise ValueError(f"sampler {self.name!r}: table_k must be >= 1, got {table_k}")
+        self.query_mode, self.table_k = str(query), int(table_k)
         if metric not in METRICS:
             raise ValueError(
                 f"sampler {self.name!r}: metric must be one of {METRICS}, got {metric!r}"
@@ -101,6 +120,8 @@ class Sampler:
         self.num = num
         self.generator = torch.Generator().manual_seed(self.seed)
         self._index: Any = None
+        self._table: np.ndarray | None = None  # (N, K) int32, label mode
+        self.last_positives = np.empty(0, dtype=np.int64)  # the last select's (label probe)
         self._lock = threading.Lock()
         self._warned_fallback = False
         self.last_k: int | None = None
@@ -184,10 +205,33 @@ class Sampler:
         """weights: (N, D) float32 snapshot -> a new index. Pure: never touches ``self.index``."""
         return None
 
-    def swap(self, index: Any) -> None:
-        """Install a built index atomically; the old one is dropped once no query holds it."""
+    @property
+    def table(self) -> np.ndarray | None:
+        """The class-neighbour table (N, K) int32 serving label selection (None before)."""
+        return self._table
+
+    @property
+    def selects_ahead(self) -> bool:
+        """Selection needs only the labels (label mode): a step can be selected ahead."""
+        return self.needs_index and self.query_mode == "label"
+
+    def build_table(self, index: Any, weights: np.ndarray) -> np.ndarray | None:
+        """The (N, table_k) int32 class-neighbour table from a built ``index`` over
+        ``weights`` (N, D); None in feature mode. Pure, like ``build_index``."""
+        if self.query_mode != "label" or index is None:
+            return None
+        return neighbour_table(lambda f, k: self.query_index(index, f, k), weights, self.table_k)
+
+    def query_index(self, index: Any, features: np.ndarray, k: int) -> np.ndarray:
+        """``query`` against a given ``index`` (not necessarily the serving one)."""
+        raise NotImplementedError(f"sampler {self.name!r} has no index to query")
+
+    def swap(self, index: Any, table: np.ndarray | None = None) -> None:
+        """Install a built index (and its table) atomically; the old ones are dropped once no
+        query holds them."""
         with self._lock:
             self._index = index
+            self._table = table
             self.num_swaps += 1
 
     def refresh(self, weights: np.ndarray, changed_ids: np.ndarray) -> Any | None:
@@ -221,8 +265,12 @@ class Sampler:
         chosen = pos
         negatives = m - num_pos
         from_index = negatives - int(round(self.random_fraction * negatives))
+        self.last_positives = pos
         if from_index > 0 and use_index:
-            index_ids = self._neighbours(features, pos, from_index)
+            if self.query_mode == "label":
+                index_ids = self._table_neighbours(pos, from_index)
+            else:
+                index_ids = self._neighbours(features, pos, from_index)
             chosen = np.concatenate([pos, index_ids])
         fill = self._random_fill(chosen, m - chosen.size)
         ids = torch.from_numpy(np.concatenate([chosen, fill]).astype(np.int64, copy=False))
@@ -233,18 +281,25 @@ class Sampler:
             adjust[chosen.size :] = math.log((self.num_classes - chosen.size) / fill.size)
         return ActiveSet(ids, targets, num_pos, int(chosen.size - num_pos), adjust)
 
+    def _fallback(self) -> np.ndarray:
+        self.num_fallbacks += 1
+        if not self._warned_fallback:
+            self._warned_fallback = True
+            log.info("sampler %r: no index built yet, selecting random classes until the "
+                     "first build", self.name)  # fmt: skip
+        return np.empty(0, dtype=np.int64)
+
+    def _table_neighbours(self, pos: np.ndarray, want: int) -> np.ndarray:
+        """Label mode: up to ``want`` ids of the positives' table rows (rank-major, deduped)."""
+        table = self._table  # read once: a swap cannot tear it
+        if table is None:
+            return self._fallback()
+        return table_candidates(table, pos, want)
+
     def _neighbours(self, features: torch.Tensor, pos: np.ndarray, want: int) -> np.ndarray:
         """Up to ``want`` neighbour ids of the batch, not in ``pos``, rank-major order."""
         if not self.has_index:
-            self.num_fallbacks += 1
-            if not self._warned_fallback:
-                self._warned_fallback = True
-                log.info(
-                    "sampler %r: no index built yet, selecting random classes until the "
-                    "first build",
-                    self.name,
-                )
-            return np.empty(0, dtype=np.int64)
+            return self._fallback()
         feats = features.detach().to("cpu", torch.float32).numpy()
         batch = max(feats.shape[0], 1)
         k = min(math.ceil(want / batch) + 1, self.num_classes)
@@ -285,6 +340,16 @@ class Sampler:
             taken = np.concatenate([taken, draw])
             need -= draw.size
         return np.concatenate(picked).astype(np.int64, copy=False)
+
+    # -- selection ahead (``SampledClassifier``, label mode) --------------------------------
+    def selection_state(self) -> dict[str, Any]:
+        """What a ``select`` changes (RNG, counters), to undo a select made ahead."""
+        return {"rng": self.generator.get_state(), "num_selects": self.num_selects,
+                "num_fallbacks": self.num_fallbacks, "swaps": self.num_swaps}  # fmt: skip
+
+    def restore_selection(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["rng"])
+        self.num_selects, self.num_fallbacks = state["num_selects"], state["num_fallbacks"]
 
     # -- checkpoint ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -112,6 +112,11 @@ class HNSWSampler(Sampler):
                 return self._knn(self._index, feats, k)
         return self._knn(self._index, feats, k)
 
+    def query_index(self, index: hnswlib.Index | None, features: np.ndarray, k: int) -> np.ndarray:
+        """features (B, D) -> (B, k) nearest ids in ``index`` (-1 where too few were found)."""
+        feats = np.ascontiguousarray(features, dtype=np.float32)
+        return self._knn(index, feats, min(k, self.num_classes))
+
     def default_effort(self, k: int) -> int:
         return max(self.ef, k)
 

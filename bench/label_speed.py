@@ -1,0 +1,139 @@
+"""Head step time of label-driven selection against random, per-feature and full.
+
+One step = select + forward/backward of the head + sparse update (``SampledClassifier``):
+features (B, D) near their classes' rows, labels uniform. Modes: ``random``; ``feature``
+(the paper's per-feature query, annoy; exact too where N x D is small); ``label`` (the
+class-neighbour table, a lookup); ``full`` (dense logits over all N, SGD on W). The index
+and table builds are timed separately (``build_s``, ``table_s``).
+
+    nice python -m bench.label_speed --sizes 100000 1000000 --steps 20
+
+Writes docs/bench/label_speed.json (medians, ratios to random and full).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.common import (
+    family_rows,
+    features_near,
+    machine_info,
+    sampler_config,
+    setup_run,
+    write_json,
+)
+from hf_softmax.classifier import SampledClassifier
+from hf_softmax.heads import LinearHead
+from hf_softmax.samplers import build_sampler
+
+log = logging.getLogger("bench.label_speed")
+
+
+def batches(rows: np.ndarray, b: int, steps: int, seed: int = 0) -> list[tuple[Any, Any]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(steps):
+        labels = rng.integers(rows.shape[0], size=b)
+        feats = features_near(rows, labels, 1.0, rng)
+        out.append((torch.from_numpy(feats), torch.from_numpy(labels)))
+    return out
+
+
+def sampled_steps(rows: np.ndarray, sampler: Any, data: list) -> list[float]:
+    clf = SampledClassifier(rows.shape[0], rows.shape[1], LinearHead(), sampler,
+                            weight=torch.from_numpy(rows.copy()), prefetch=False)  # fmt: skip
+    times = []
+    for feats, labels in data:
+        t0 = time.perf_counter()
+        f = feats.clone().requires_grad_(True)
+        out = clf(f, labels)
+        out.loss.backward()
+        clf.step(out, 0.1)
+        times.append(time.perf_counter() - t0)
+    return times[2:]  # warm-up
+
+
+def full_steps(rows: np.ndarray, data: list) -> list[float]:
+    w = torch.nn.Parameter(torch.from_numpy(rows.copy()))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    times = []
+    for feats, labels in data:
+        t0 = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(feats @ w.T, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+def built(name: str, rows: np.ndarray, m: int, query: str, **knobs: Any) -> tuple[Any, dict]:
+    cfg = sampler_config(name, m, query=query, random_fraction=0.0, **knobs)
+    sampler = build_sampler(cfg, rows.shape[0], "ip")
+    t0 = time.perf_counter()
+    index = sampler.build_index(rows)
+    t1 = time.perf_counter()
+    table = sampler.build_table(index, rows)
+    t2 = time.perf_counter()
+    sampler.swap(index, table)
+    return sampler, {"build_s": t1 - t0, "table_s": (t2 - t1) if table is not None else None}
+
+
+def run_size(n: int, d: int, b: int, m: int, steps: int, full_max: int, exact_max: int) -> dict:
+    rows = family_rows(n, d)
+    data = batches(rows, b, steps)
+    res: dict[str, Any] = {"N": n, "D": d, "B": b, "M": m, "modes": {}}
+
+    def record(mode: str, times: list[float], **extra: Any) -> None:
+        res["modes"][mode] = {"median_s": statistics.median(times), "steps": len(times), **extra}
+        log.info("N=%d %s: %.4fs/step %s", n, mode, statistics.median(times), extra)
+
+    record("random", sampled_steps(rows, build_sampler(sampler_config("random", m), n, "ip"), data))
+    kinds = ["annoy"] + (["exact"] if n * d <= exact_max else [])
+    for kind in kinds:
+        knobs = {"ntrees": 10, "n_jobs": 2} if kind == "annoy" else {}
+        sampler, cost = built(kind, rows, m, "label", **knobs)
+        record(f"label_{kind}", sampled_steps(rows, sampler, data), **cost)
+        sampler.query_mode = "feature"  # the same index, queried per feature
+        record(f"feature_{kind}", sampled_steps(rows, sampler, data), build_s=cost["build_s"])
+        del sampler
+    if n <= full_max:
+        record("full", full_steps(rows, data[: max(3, steps // 5)]))
+    base = res["modes"]["random"]["median_s"]
+    full = res["modes"].get("full", {}).get("median_s")
+    for entry in res["modes"].values():
+        entry["vs_random"] = entry["median_s"] / base
+        entry["speedup_vs_full"] = None if full is None else full / entry["median_s"]
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--num", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--full-max", type=int, default=1_000_000, help="largest N timed dense")
+    ap.add_argument("--exact-max", type=int, default=30_000_000, help="largest N x D for exact")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--name", default="label_speed")
+    args = ap.parse_args()
+    setup_run(args.threads)
+    results = [run_size(n, args.dim, args.batch, args.num, args.steps, args.full_max,
+                        args.exact_max) for n in args.sizes]  # fmt: skip
+    path = write_json(args.name, {"machine": machine_info(), "args": vars(args),
+                                  "results": results})  # fmt: skip
+    log.info("wrote %s", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The class-neighbour table of label-driven selection (``sampler.query=label``).
+
+At every rebuild the build job also asks the fresh index for each class's K nearest classes
+by weight row (K = ``sampler.table_k``): an (N, K) int32 table, N * K * 4 bytes (64 MB at
+N = 10^6, K = 16), -1 where the index found fewer. A step's active set is then the batch's
+positives plus the union of their table rows, rank-major (rank 0 of every positive first),
+deduplicated, positives removed, trimmed: a lookup of O(B * K), no index query in the step.
+It needs only the labels, so the step can be selected ahead (``classifier.prefetch``).
+
+``table_recall`` measures a table against exact top-K over the current rows: the recall
+probe of label mode (it sees both the index's misses and the rows' drift since the build).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+QUERY_MODES = ("feature", "label")
+TABLE_BATCH = 4096  # rows queried per call while building a table
+
+
+def drop_self(ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """ids (n, K + 1) neighbours of the rows ``rows`` (n,) -> (n, K): each row's own id removed,
+    or its last neighbour where the index did not return it (inner product need not rank a
+    row first for itself)."""
+    n, k1 = ids.shape
+    own = ids == rows[:, None]
+    missing = ~own.any(axis=1)
+    own[missing, k1 - 1] = True
+    first = own.cumsum(axis=1) == 1
+    keep = ~(own & first)  # one removal per row, even if -1 padding repeats
+    return ids[keep].reshape(n, k1 - 1)
+
+
+def neighbour_table(
+    query: Callable[[np.ndarray, int], np.ndarray],
+    weights: np.ndarray,
+    k: int,
+    batch: int = TABLE_BATCH,
+) -> np.ndarray:
+    """weights (N, D) -> (N, k) int32: each row's k nearest other rows by ``query``
+    (features (b, D), k -> (b, k) ids, nearest first, -1 padded), rows queried ``batch`` at
+    a time."""
+    n = weights.shape[0]
+    k = max(0, min(int(k), n - 1))
+    out = np.full((n, k), -1, dtype=np.int32)
+    if k == 0:
+        return out
+    for start in range(0, n, batch):
+        rows = np.ascontiguousarray(weights[start : start + batch], dtype=np.float32)
+        ids = np.asarray(query(rows, k + 1), dtype=np.int64)
+        out[start : start + rows.shape[0]] = drop_self(ids, np.arange(start, start + len(rows)))
+    return out
+
+
+def table_candidates(table: np.ndarray, positives: np.ndarray, want: int) -> np.ndarray:
+    """Up to ``want`` ids from the table rows of ``positives`` (P,) sorted unique, not
+    themselves positives, rank-major (every positive's rank 0 first), first occurrence kept."""
+    if want <= 0 or positives.size == 0 or table.shape[1] == 0:
+        return np.empty(0, dtype=np.int64)
+    cand = np.ascontiguousarray(table[positives].T).reshape(-1).astype(np.int64)
+    cand = cand[cand >= 0]
+    _, first = np.unique(cand, return_index=True)
+    cand = cand[np.sort(first)]
+    cand = cand[~np.isin(cand, positives, assume_unique=True)]
+    return cand[:want]
+
+
+def table_recall(
+    table: np.ndarray, weights: np.ndarray, ids: np.ndarray, metric: str, chunk_size: int = 65536
+) -> float:
+    """Recall of ``table[ids]`` against the exact K nearest other rows of ``weights`` (N, D)
+    for the classes ``ids`` (n,)."""
+    from hf_softmax.samplers.exact import exact_topk, recall_at_k
+
+    ids = np.unique(np.asarray(ids, dtype=np.int64))
+    k = table.shape[1]
+    if ids.size == 0 or k == 0:
+        return float("nan")
+    exact = exact_topk(weights, weights[ids], k + 1, metric, chunk_size)
+    return recall_at_k(table[ids].astype(np.int64), drop_self(exact, ids))
