@@ -18,6 +18,10 @@ from bench.common import OUT_DIR, markdown_table, pyplot, save_figure
 METRICS = ("top1", "top5", "pairs", "lookalike", "train_s", "recall")
 
 
+# training images of the full 11,172-class build (592,116): says what a budget is in epochs
+TRAIN_IMAGES = 592_116
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
@@ -77,33 +81,47 @@ def render(results: dict[str, Any], plot_name: str = "hangul.png", out_dir: Path
         ("time_ratio", "time / random", lambda v: f"{v:.2f}×"),
         ("recall", "recall@k (logged)", lambda v: f"{v:.2f}"),
     ]
-    by_fraction: dict[float, list[dict[str, Any]]] = defaultdict(list)
+    # one table per budget: runs are comparable only at the same M/N, steps and batch
+    by_budget: dict[tuple[float, int, int], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        by_fraction[r["fraction"]].append(r)
-    for fraction in sorted(by_fraction, reverse=True):
-        first = by_fraction[fraction][0]
-        head = f"**M/N = {100 * fraction:g}%** ({first['steps']} steps of {first['batch']} images)"
-        lines += ["", head, "", markdown_table(summarise(by_fraction[fraction]), columns)]
+        by_budget[_budget(r)].append(r)
+    for budget in _order(by_budget):
+        fraction, steps, batch = budget
+        epochs = f", {steps * batch / TRAIN_IMAGES:.2f} epoch"
+        head = f"**M/N = {100 * fraction:g}%** ({steps} steps of {batch} images{epochs})"
+        lines += ["", head, "", markdown_table(summarise(by_budget[budget]), columns)]
     notes = OUT_DIR / "hangul_notes.md"  # hand-written analysis kept beside the numbers
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]
-    _plot(by_fraction, plot_name, out_dir)
+    _plot(by_budget, plot_name, out_dir)
     lines += ["", f"![Hangul: accuracy vs wall time](bench/{plot_name})"]
     return "\n".join(lines)
 
 
+def _budget(row: dict[str, Any]) -> tuple[float, int, int]:
+    return (float(row["fraction"]), int(row["steps"]), int(row["batch"]))
+
+
+def _order(groups: dict[tuple[float, int, int], Any]) -> list[tuple[float, int, int]]:
+    """Largest M/N first, then the longest budget first."""
+    return sorted(groups, key=lambda b: (-b[0], -b[1] * b[2]))
+
+
 def _plot(
-    by_fraction: dict[float, list[dict[str, Any]]], name: str, out_dir: Path = OUT_DIR
+    by_budget: dict[tuple[float, int, int], list[dict[str, Any]]],
+    name: str,
+    out_dir: Path = OUT_DIR,
 ) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     markers = "os^Dv<>p*h"
-    for i, fraction in enumerate(sorted(by_fraction, reverse=True)):
-        for j, s in enumerate(summarise(by_fraction[fraction])):
+    for i, budget in enumerate(_order(by_budget)):
+        fraction, steps, _ = budget
+        for j, s in enumerate(summarise(by_budget[budget])):
             for ax, key in zip(axes, ("top1", "lookalike"), strict=True):
                 if s.get(key) is None:
                     continue
-                label = f"{s['label']} ({100 * fraction:g}%)"
+                label = f"{s['label']} ({100 * fraction:g}%, {steps} steps)"
                 marker = markers[i % len(markers)]
                 color = plt.cm.tab20(j % 20)
                 ax.scatter(s["train_s"], 100 * s[key], marker=marker, color=color, label=label)
