@@ -87,7 +87,8 @@ def render(results: dict[str, Any], plot_name: str = "hangul.png", out_dir: Path
         by_budget[_budget(r)].append(r)
     for budget in _order(by_budget):
         fraction, steps, batch = budget
-        epochs = f", {steps * batch / TRAIN_IMAGES:.2f} epoch"
+        full_set = by_budget[budget][0].get("num_classes") == 11172
+        epochs = f", {steps * batch / TRAIN_IMAGES:.2f} epoch" if full_set else ""
         head = f"**M/N = {100 * fraction:g}%** ({steps} steps of {batch} images{epochs})"
         lines += ["", head, "", markdown_table(summarise(by_budget[budget]), columns)]
     notes = OUT_DIR / "hangul_notes.md"  # hand-written analysis kept beside the numbers
