@@ -14,9 +14,9 @@ holds what the update needs (the leaf rows, their local ids). With ``next_labels
 label-mode sampler it also selects the next step ahead and stages its rows
 (``hf_softmax.select_ahead``, ``hf_softmax.row_prefetch``).
 
-Under DDP (``shard=True``, R > 1 ranks) each rank owns a block of classes (``hf_softmax.shard``),
-made on first use, after Lightning has set up the process group. Checkpoints are
-consolidated (``hf_softmax.classifier_state``) and resume with any world size.
+Under DDP (``shard=True``, R > 1 ranks) each rank owns a block of classes
+(``hf_softmax.shard``), made on first use, after Lightning has set up the process group.
+Checkpoints are consolidated (``hf_softmax.classifier_state``) and resume with any world size.
 """
 
 from __future__ import annotations

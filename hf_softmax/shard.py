@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from hf_softmax.samplers.base import Sampler
 
 log = logging.getLogger(__name__)
 
+_WARNED_GROW: weakref.WeakSet[Sampler] = weakref.WeakSet()  # samplers told M_r grows
 SamplerFactory = Callable[..., Sampler]  # (num_classes=, metric=, seed=[, num=]) -> Sampler
 
 
@@ -108,8 +110,8 @@ def select_in_shard(
     local = (labels >= start) & (labels < end)
     num_pos, restore = int(torch.unique(labels[local]).numel()), None
     if num_pos > sampler.num:
-        if not getattr(sampler, "_warned_grow", False):
-            sampler._warned_grow = True
+        if sampler not in _WARNED_GROW:
+            _WARNED_GROW.add(sampler)
             log.info("classes [%d, %d): %d positives exceed the shard's share M_r = %d; the "
                      "active set grows for such steps (raise sampler.num to avoid this)",
                      start, end, num_pos, sampler.num)  # fmt: skip
