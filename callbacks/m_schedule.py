@@ -1,9 +1,9 @@
 """MSchedule: changes M (active classes per step) over training, ``{step: M}``.
 
 ``callbacks.m_schedule.schedule`` is ``{step: M}`` or ``[[step, M], ...]``; from each listed
-global step on, ``pl_module.classifier.num`` is that M (under DDP the global M, which
-``ShardedClassifier`` splits over the ranks). Tied to the global step, so a resumed run
-follows the same schedule. ``null`` / empty: M stays ``sampler.num``.
+global step on, ``pl_module.classifier.num`` is that M (under DDP the global M, which the
+class-sharded ``SampledClassifier`` splits over the ranks). Tied to the global step, so a
+resumed run follows the same schedule. ``null`` / empty: M stays ``sampler.num``.
 """
 
 from __future__ import annotations

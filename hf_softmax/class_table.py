@@ -21,6 +21,15 @@ QUERY_MODES = ("feature", "label")
 TABLE_BATCH = 4096  # rows queried per call while building a table
 
 
+def check_label_knobs(name: str, query: str, table_k: int) -> tuple[str, int]:
+    """-> (query, table_k) of sampler ``name``, or ValueError naming the expected values."""
+    if query not in QUERY_MODES:
+        raise ValueError(f"sampler {name!r}: query must be one of {QUERY_MODES}, got {query!r}")
+    if int(table_k) < 1:
+        raise ValueError(f"sampler {name!r}: table_k must be >= 1, got {table_k}")
+    return str(query), int(table_k)
+
+
 def drop_self(ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """ids (n, K + 1) neighbours of the rows ``rows`` (n,) -> (n, K): each row's own id removed,
     or its last neighbour where the index did not return it (inner product need not rank a

@@ -6,27 +6,17 @@ One step, on one process or on every rank of a process group in lockstep::
     out.loss.backward()                  grads of the features and of the leaf rows W[A]
     classifier.step(out, lr)             lazy SGD momentum + wd on the rows A (RowStore.step_)
 
-With ``next_labels`` (the next batch's labels) and a label-mode sampler, ``forward`` also
-selects the next step's active set and stages its rows (``prefetch``;
-``hf_softmax.select_ahead``, ``hf_softmax.row_prefetch``).
-
 ``forward``: the batch is all-gathered (not on one process); this rank's sampler picks M_r
 (its share of M) of the classes it owns (all N on one process); logits (B, M_r) =
 head(F, W[A_r]); the loss is ``F.cross_entropy`` on one process, else the distributed softmax
 cross-entropy over the union of the ranks' active sets. The returned ``ClassifierOutput``
-holds what the update needs (the leaf rows, their local ids).
+holds what the update needs (the leaf rows, their local ids). With ``next_labels`` and a
+label-mode sampler it also selects the next step ahead and stages its rows
+(``hf_softmax.select_ahead``, ``hf_softmax.row_prefetch``).
 
-Under DDP (``shard=True`` and an initialised process group of size R > 1) each rank owns
-the balanced block of classes ``shard_range(N, R, rank)``; its rows are never parameters, so
-DDP's all-reduce never sees them, and the all-gather backward scales this rank's feature
-gradient by R (``ddp_grad_scale``) so the backbone gets the gradient of the global-batch
-loss. The rows and the shard's sampler are made on first use (after Lightning has set up the
-process group); a store made before that (world size 1) is sliced to the rank's block.
-
-Checkpoints are consolidated: ``state_dict()`` (a collective under DDP: call it on every
-rank) gathers the full (N, D) ``weight``, ``momentum`` and ``touched`` to rank 0 (other ranks
-write (0, D)); loading takes this rank's block from the full tensors, so a checkpoint resumes
-with any world size.
+Under DDP (``shard=True``, R > 1 ranks) each rank owns a block of classes
+(``hf_softmax.shard``), made on first use, after Lightning has set up the process group.
+Checkpoints are consolidated (``hf_softmax.classifier_state``) and resume with any world size.
 """
 
 from __future__ import annotations
@@ -42,26 +32,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_softmax import collectives as coll
+from hf_softmax.classifier_state import checkpoint_tensors, load_sampler_tensors, split_checkpoint
 from hf_softmax.heads import MarginHead
 from hf_softmax.output import ClassifierOutput
-from hf_softmax.row_store import RowStore, initial_rows
+from hf_softmax.row_store import RowStore
 from hf_softmax.samplers.base import Sampler
-from hf_softmax.select_ahead import SelectAhead, prefetch_setting
+from hf_softmax.select_ahead import SelectAhead
 from hf_softmax.shard import (
     SamplerFactory,
+    best_classes,
     check_sampler,
-    load_sampler_tensors,
     local_num,
     margin_logits,
     plain_hit,
-    sampler_tensors,
+    rank_store,
     select_in_shard,
     shard_sampler,
 )
 
 log = logging.getLogger(__name__)
-
-_KEYS = ("weight", "momentum", "num_updates", "touched", "sampler_rng", "sampler_counters")
 
 
 class SampledClassifier(nn.Module):
@@ -98,8 +87,7 @@ class SampledClassifier(nn.Module):
         prefetch: str | bool = "auto",
     ) -> None:
         super().__init__()
-        self.prefetch = prefetch_setting(prefetch)
-        self.ahead = SelectAhead()
+        self.ahead = SelectAhead(prefetch)
         if not isinstance(head, MarginHead):
             raise TypeError(f"classifier: head must be a MarginHead, got {type(head).__name__}")
         self.num_classes, self.embedding_dim = int(num_classes), int(embedding_dim)
@@ -131,39 +119,23 @@ class SampledClassifier(nn.Module):
         rank, size = coll.world(self.group) if self.shard else (0, 1)
         if self._store is not None and (rank, size) == (self.rank, self.world_size):
             return self._store
-        if self._store is not None and self.world_size != 1:
-            raise RuntimeError(
-                f"classifier was built for rank {self.rank} of {self.world_size} but now runs "
-                f"as rank {rank} of {size}; reload a consolidated checkpoint"
-            )
-        start, end = coll.shard_range(self.num_classes, size, rank)
-        if end <= start:
-            raise ValueError(f"classifier: N = {self.num_classes} classes cannot be split over "
-                             f"{size} ranks (rank {rank} would own none)")  # fmt: skip
-        kw = dict(mu=self.momentum, weight_decay=self.weight_decay, offload=self.offload)
-        state = None
-        if self._store is not None:  # made before the process group existed: keep its rows
-            store, state = self._store.sliced(start, end), self._sampler.state_dict()
-        elif self._initial is not None:
-            store = RowStore(self._initial[start:end] if size > 1 else self._initial, start, **kw)
-        else:
-            w = initial_rows(start, end, self.num_classes, self.embedding_dim, self.init_std,
-                             self.seed)  # fmt: skip
-            store = RowStore(w, start, **kw)
+        state = self._sampler.state_dict() if self._store is not None else None
+        store = rank_store(self.num_classes, self.embedding_dim, size, rank, self._store,
+                           self.world_size, self.rank, self._initial, self.init_std, self.seed,
+                           mu=self.momentum, weight_decay=self.weight_decay,
+                           offload=self.offload)  # fmt: skip
         self.rank, self.world_size = rank, size
-        self._sampler = self._make_sampler(end - start, state)
+        self._sampler = self._make_sampler(store.num_rows, state)
         store.place(self._device)
         self._store = store
-        log.debug("rank %d/%d owns classes [%d, %d)", rank, size, start, end)
+        log.debug("rank %d/%d owns classes [%d, %d)", rank, size, *store.range)
         return store
 
     def _make_sampler(self, n: int, state: dict | None) -> Sampler:
         if self._factory is None:  # a built Sampler: never sharded
             return self._given
         sampler, self._num = shard_sampler(self._factory, n, self._num, self.metric, self.seed,
-                                           self.world_size, self.rank)  # fmt: skip
-        if state is not None:
-            sampler.load_state_dict({**state, "num": sampler.num})
+                                           self.world_size, self.rank, state)  # fmt: skip
         return sampler
 
     @property
@@ -227,10 +199,8 @@ class SampledClassifier(nn.Module):
         """Whether ``forward`` selects the next step ahead (label-mode sampler, one process,
         ``prefetch`` true, or auto with offloaded rows on a CUDA ``device``)."""
         store = self._ensure()
-        if self.world_size != 1 or not self._sampler.selects_ahead or self.prefetch is False:
-            return False
         device = torch.device(device) if device is not None else self._device
-        return self.prefetch is True or (store.offload and device.type == "cuda")
+        return self.ahead.enabled(self._sampler, store.offload, device, self.world_size)
 
     def forward(
         self, features: torch.Tensor, labels: torch.Tensor, next_labels: torch.Tensor | None = None
@@ -244,10 +214,7 @@ class SampledClassifier(nn.Module):
             scale = float(self.world_size) if self.ddp_grad_scale else 1.0
             feats, all_labels = coll.gather_batch(features, labels, self.group, scale)
         if self.world_size == 1:
-            active = self.ahead.take(self._sampler, all_labels)
-            if active is None:
-                store.staged = None
-                active = self._sampler.select(feats.detach(), all_labels)
+            active = self.ahead.current(self._sampler, store, feats, all_labels)
         else:  # local ids; targets into them or -1
             active = select_in_shard(self._sampler, feats.detach(), all_labels, *store.range)
         leaf = store.gather(active.ids, features.device)  # W[A_r] (M_r, D)
@@ -282,9 +249,7 @@ class SampledClassifier(nn.Module):
     def nonfinite_rows(self, out: ClassifierOutput) -> list[int]:
         """Up to 10 global ids of ``out``'s rows that hold NaN/Inf now (after the step)."""
         store = self._ensure()
-        with torch.no_grad():
-            ok = torch.isfinite(store.weight[out.row_ids.to(store.weight.device)]).all(dim=1)
-        return (out.row_ids[~ok.cpu()][:10] + store.start).tolist()
+        return (store.nonfinite(out.row_ids)[:10] + store.start).tolist()
 
     # -- index support (local to the rank) -------------------------------------------------
     def snapshot_weights(self) -> np.ndarray:
@@ -299,52 +264,37 @@ class SampledClassifier(nn.Module):
     def predict(self, features: torch.Tensor, chunk_size: int = 65536) -> torch.Tensor:
         """features (B_r, D) -> (B_r,) int64 argmax over all N classes on the plain logits,
         rows chunked; under DDP a collective: the best of the ranks' bests (ties: lowest id)."""
-        store = self._ensure()
-        if self.world_size == 1:
-            return store.argmax(features, self.head, chunk_size)[1]
-        feats, sizes = coll.gather_rows_of_batch(features, self.group)
-        best, best_ids = store.argmax(feats, self.head, chunk_size)
-        return coll.my_rows(coll.merge_argmax(best, best_ids, self.group), sizes, self.rank)
+        return best_classes(self._ensure(), self.head, features, None, chunk_size, self.group,
+                            self.world_size, self.rank)  # fmt: skip
 
     @torch.no_grad()
     def topk(self, features: torch.Tensor, k: int, chunk_size: int = 65536) -> torch.Tensor:
         """features (B_r, D) -> (B_r, k) int64 class ids of the k best plain logits over all N
         classes, best first (k capped at N); a collective under DDP."""
-        store, k = self._ensure(), min(int(k), self.num_classes)
-        if self.world_size == 1:
-            return store.topk(features, self.head, k, chunk_size)[1]
-        feats, sizes = coll.gather_rows_of_batch(features, self.group)
-        values, ids = store.topk(feats, self.head, k, chunk_size)  # (B, k_r), k_r <= k
-        return coll.my_rows(coll.merge_topk(values, ids, k, self.group), sizes, self.rank)
+        return best_classes(self._ensure(), self.head, features, min(int(k), self.num_classes),
+                            chunk_size, self.group, self.world_size, self.rank)  # fmt: skip
 
     # -- consolidated checkpoint -----------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        state = self._ensure().state()
+        store = self._ensure()
         self.ahead.undo(self._sampler)  # saved as before the selection made ahead
-        self._store.staged = None
-        for key in ("weight", "momentum", "num_updates", "touched"):
-            value = state[key]
-            if self.world_size > 1 and key != "num_updates":
-                value = coll.consolidate(value, self.num_classes, self.group)
-            destination[prefix + key] = value
-        for key, value in sampler_tensors(self._sampler, self.num).items():
-            destination[prefix + key] = value  # rank 0's RNG stream
+        store.staged = None
+        own = checkpoint_tensors(store, self._sampler, self.num, self.num_classes,
+                                 self.world_size, self.group)  # fmt: skip
+        destination.update({prefix + k: v for k, v in own.items()})
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         store = self._ensure()
         self.ahead.undo(None)
-        found = {k: state_dict[prefix + k] for k in _KEYS if prefix + k in state_dict}
-        # a dense checkpoint (sampler=full) has no momentum: it starts at zero
-        missing_keys += [prefix + k for k in _KEYS if strict and k not in found and k != "momentum"]
+        found, rest, missing = split_checkpoint(state_dict, prefix, strict)
+        missing_keys += missing
         store.load_full_(found, self.num_classes, prefix, error_msgs)
         if "sampler_counters" in found:
             self.num = min(max(int(found["sampler_counters"][0]), 1), self.num_classes)
             load_sampler_tensors(self._sampler, found, self.rank)
-        own = {prefix + k for k in _KEYS}
-        rest = {k: v for k, v in state_dict.items() if k not in own}
         super()._load_from_state_dict(
             rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

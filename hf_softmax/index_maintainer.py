@@ -12,11 +12,9 @@ Schedule (``interval`` in global optimizer steps):
   tied to the global step, not to the last build, so a resumed run rebuilds at the same
   steps as an uninterrupted one;
 - ``on_step_end(step, features)`` every ``probe_every`` steps measures recall@k of the index
-  against exact top-k (``samplers.exact.exact_topk``) on the step's features; ``adaptive``
-  rebuilds at the next step when it falls below ``min_recall``, ``target_recall`` tunes the
-  query effort or rebuilds early (``hf_softmax.recall_target``). In label mode
-  (``sampler.query=label``) the probe measures the class-neighbour table instead: the table
-  rows of the last batch's classes against their exact K nearest rows now (k = table_k).
+  (label mode: its class-neighbour table) on the step's features (``hf_softmax.recall_probe``);
+  ``adaptive`` rebuilds at the next step when it falls below ``min_recall``,
+  ``target_recall`` tunes the query effort or rebuilds early (``hf_softmax.recall_target``).
 
 Build modes (``RebuildSettings.background``): inline (the step waits); a thread (copies the
 weights and builds in a daemon thread; a row a concurrent step writes may be copied
@@ -46,6 +44,7 @@ import torch
 
 from hf_softmax.index_build import BuildJob, run_build
 from hf_softmax.rebuild_settings import RebuildRecord, RebuildSettings
+from hf_softmax.recall_probe import probe_recall
 from hf_softmax.recall_target import RecallTarget
 
 log = logging.getLogger(__name__)
@@ -57,8 +56,8 @@ COUNTERS = ("builds", "refreshes", "failures", "adaptive_triggers", "skipped_bus
 class IndexMaintainer:
     """Rebuilds ``classifier.sampler``'s index; see the module docstring for the schedule.
 
-    classifier: a SampledClassifier / ShardedClassifier. settings (or the same knobs as
-    keywords): ``RebuildSettings``.
+    classifier: a SampledClassifier (any object with the members the module docstring names).
+    settings (or the same knobs as keywords): ``RebuildSettings``.
     """
 
     def __init__(
@@ -188,38 +187,13 @@ class IndexMaintainer:
         return metrics
 
     def probe(self, features: torch.Tensor | np.ndarray) -> tuple[float, int]:
-        """(recall@k of the serving index against exact top-k on features (B, D), k); k is
-        ``probe_k``, or the k the last selection used when ``probe_k`` is None."""
-        from hf_softmax.samplers.exact import exact_topk, recall_at_k
-
-        sampler = self.sampler
-        table = getattr(sampler, "table", None)
-        if getattr(sampler, "query_mode", "feature") == "label" and table is not None:
-            return self._probe_table(table)
-        if isinstance(features, torch.Tensor):
-            features = features.detach().to("cpu", torch.float32).numpy()
-        feats = np.ascontiguousarray(features, dtype=np.float32)
-        k = self.settings.probe_k if self.settings.probe_k is not None else (sampler.last_k or 10)
-        k = min(k, sampler.num_classes)
-        approx = sampler.query(feats, k)
-        exact = exact_topk(self.classifier.snapshot_weights(), feats, k, sampler.metric,
-                           self.settings.exact_chunk_size)  # fmt: skip
-        recall = recall_at_k(approx, exact)
+        """(recall@k, k) of the serving index (label mode: its table) on features (B, D)
+        (``hf_softmax.recall_probe``)."""
+        recall, k = probe_recall(self.sampler, self.classifier.snapshot_weights(), features,
+                                 self.settings.probe_k, self.settings.exact_chunk_size)  # fmt: skip
         self.probes += 1
         self.last_recall = recall
         return recall, k
-
-    def _probe_table(self, table: np.ndarray) -> tuple[float, int]:
-        """Label mode: recall of the table rows of the last batch's classes against the exact
-        K nearest other rows now (index misses and drift since the build together)."""
-        from hf_softmax.class_table import table_recall
-
-        recall = table_recall(table, self.classifier.snapshot_weights(),
-                              self.sampler.last_positives, self.sampler.metric,
-                              self.settings.exact_chunk_size)  # fmt: skip
-        self.probes += 1
-        self.last_recall = recall
-        return recall, int(table.shape[1])
 
     def wait(self, step: int) -> dict[str, float]:
         """Block until a running background build is finished and swapped (tests, shutdown)."""

@@ -67,11 +67,7 @@ def resolve_cfg(cfg: Mapping | DictConfig) -> dict[str, Any]:
                 OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
             )
         except Exception:  # e.g. ${hydra:runtime.output_dir} without a Hydra run
-            raw = node._get_node(key)
-            out[key] = (
-                OmegaConf.to_container(raw, resolve=False) if OmegaConf.is_config(raw)
-                else str(raw._value())
-            )  # fmt: skip
+            out[key] = OmegaConf.to_container(node, resolve=False)[key]
     return out
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_softmax.samplers.base import ActiveSet
+from hf_softmax.samplers.active_set import ActiveSet
 
 
 @dataclass

@@ -177,6 +177,12 @@ class RowStore:
             self.weight, self.momentum_buffer = fn(self.weight), fn(self.momentum_buffer)
 
     # -- training --------------------------------------------------------------------------
+    @torch.no_grad()
+    def nonfinite(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (M,) local int64 -> the ids whose rows hold NaN/Inf now, in order."""
+        ok = torch.isfinite(self.weight[ids.to(self.weight.device)]).all(dim=1)
+        return ids[~ok.cpu()]
+
     def gather(self, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
         """ids (M,) CPU int64 local -> W[ids] (M, D) on ``device``, a fresh autograd leaf that
         requires grad when grad is enabled (backward fills the ``.grad`` that ``step_`` uses).

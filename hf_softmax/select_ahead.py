@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from hf_softmax.samplers.base import ActiveSet, Sampler
+from hf_softmax.samplers.active_set import ActiveSet
+from hf_softmax.samplers.base import Sampler
 
 
 def prefetch_setting(value: Any) -> str | bool:
@@ -45,12 +46,29 @@ class Pending:
 
 
 class SelectAhead:
-    """Holds at most one selection made ahead for one sampler."""
+    """Holds at most one selection made ahead for one sampler; ``prefetch``: the knob."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefetch: Any = "auto") -> None:
+        self.prefetch = prefetch_setting(prefetch)
         self.pending: Pending | None = None
         self.used = 0  # selections taken from ahead
         self.undone = 0  # selections made ahead and discarded
+
+    def enabled(self, sampler: Sampler, offload: bool, device: torch.device, world: int) -> bool:
+        """Whether to select ahead: a label-mode sampler on one process (``world`` 1), and
+        ``prefetch`` true, or auto with offloaded rows on a CUDA ``device``."""
+        if world != 1 or not sampler.selects_ahead or self.prefetch is False:
+            return False
+        return self.prefetch is True or (offload and device.type == "cuda")
+
+    def current(self, sampler: Sampler, store: Any, features: torch.Tensor, labels: torch.Tensor):
+        """This step's ActiveSet: the one selected ahead when it still holds, else selected
+        now from features (B, D) and labels (B,), the rows ``store`` staged for it dropped."""
+        active = self.take(sampler, labels)
+        if active is None:
+            store.staged = None
+            active = sampler.select(features.detach(), labels)
+        return active
 
     def take(self, sampler: Sampler, labels: torch.Tensor) -> ActiveSet | None:
         """The active set selected ahead for ``labels`` if it still holds, else None (with

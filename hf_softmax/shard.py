@@ -1,7 +1,10 @@
-"""A rank's share of a sampled softmax: its sampler, active set, margin logits, plain top-1.
+"""A rank's share of a sampled softmax: its rows, sampler, active set, margin logits, top-1.
 
-Under DDP every rank sees the gathered batch (B samples) but owns only the classes
-[start, end); a sample whose target class is elsewhere has target -1 here. On one process
+Under DDP every rank sees the gathered batch (B samples) but owns only the balanced block of
+classes [start, end) = ``shard_range(N, R, rank)``; a sample whose target class is elsewhere
+has target -1 here. A rank's rows are never parameters, so DDP's all-reduce never sees them,
+and the all-gather backward scales its feature gradient by R (``ddp_grad_scale``): the
+backbone gets the gradient of the global-batch loss. On one process
 (start, end) = (0, N), every target is local and these are the plain single-process steps.
 """
 
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -16,10 +20,13 @@ import torch
 
 from hf_softmax import collectives as coll
 from hf_softmax.heads import MarginHead
-from hf_softmax.samplers.base import ActiveSet, Sampler
+from hf_softmax.row_store import RowStore, initial_rows
+from hf_softmax.samplers.active_set import ActiveSet
+from hf_softmax.samplers.base import Sampler
 
 log = logging.getLogger(__name__)
 
+_WARNED_GROW: weakref.WeakSet[Sampler] = weakref.WeakSet()  # samplers told M_r grows
 SamplerFactory = Callable[..., Sampler]  # (num_classes=, metric=, seed=[, num=]) -> Sampler
 
 
@@ -44,11 +51,12 @@ def local_num(num: int, num_local: int, world: int, rank: int) -> int:
 
 def shard_sampler(
     factory: SamplerFactory, num_local: int, num: int | None, metric: str, seed: int,
-    world: int, rank: int,
+    world: int, rank: int, state: dict[str, Any] | None = None,
 ) -> tuple[Sampler, int]:  # fmt: skip
     """-> (the sampler of this rank's N_r classes, the global M). ``factory`` is called with
     ``num_classes=N_r, metric=, seed=seed + 1009 * rank`` and ``num=M_r`` when ``num`` (M)
-    is given; else the sampler's own ``num`` is taken as M and cut to M_r."""
+    is given; else the sampler's own ``num`` is taken as M and cut to M_r. ``state``: a
+    sampler ``state_dict`` to continue (its ``num`` is not taken)."""
     kw: dict[str, Any] = dict(num_classes=num_local, metric=metric, seed=seed + 1009 * rank)
     if num is not None:
         kw["num"] = local_num(num, num_local, world, rank)
@@ -56,30 +64,37 @@ def shard_sampler(
     if num is None:
         num = sampler.num
         sampler.num = local_num(num, num_local, world, rank)
+    if state is not None:
+        sampler.load_state_dict({**state, "num": sampler.num})
     return sampler, int(num)
 
 
-def sampler_tensors(sampler: Sampler, num: int) -> dict[str, torch.Tensor]:
-    """The checkpoint's ``sampler_rng`` (this rank's stream) and ``sampler_counters`` [M,
-    selects, fallbacks, swaps]."""
-    s = sampler.state_dict()
-    counters = [num, s["num_selects"], s["num_fallbacks"], s["num_swaps"]]
-    return {"sampler_rng": s["rng"].clone(),
-            "sampler_counters": torch.tensor(counters, dtype=torch.int64)}  # fmt: skip
-
-
-def load_sampler_tensors(sampler: Sampler, found: dict[str, torch.Tensor], rank: int) -> None:
-    """Counters and (when saved) the RNG into ``sampler`` (its ``num`` is left alone). Rank 0
-    continues the saved stream; other ranks fork from it."""
-    _, selects, fallbacks, swaps = (int(x) for x in found["sampler_counters"])
-    state = sampler.state_dict()
-    state.update(num_selects=selects, num_fallbacks=fallbacks, num_swaps=swaps)
-    if "sampler_rng" in found:
-        state["rng"] = found["sampler_rng"]
-    sampler.load_state_dict(state)
-    if rank:
-        fork = int(torch.randint(2**62, (1,), generator=sampler.generator))
-        sampler.generator.manual_seed(fork + rank)
+def rank_store(
+    num_classes: int, dim: int, world: int, rank: int, previous: RowStore | None,
+    previous_world: int, previous_rank: int, initial: torch.Tensor | None, init_std: float,
+    seed: int, **store_kw: Any,
+) -> RowStore:  # fmt: skip
+    """The RowStore of this rank's rows ``shard_range(N, world, rank)``: ``previous`` (a store
+    made before the process group existed, ``previous_world`` 1; another world: RuntimeError)
+    sliced, else ``initial`` (N, D)
+    sliced (used in place on one process), else N(0, ``init_std``) rows by seeded blocks
+    (``row_store.initial_rows``: the same rows for every world size). ``store_kw``: RowStore's
+    ``mu``, ``weight_decay``, ``offload``."""
+    if previous is not None and previous_world != 1:
+        raise RuntimeError(
+            f"classifier was built for rank {previous_rank} of {previous_world} but now runs "
+            f"as rank {rank} of {world}; reload a consolidated checkpoint"
+        )
+    start, end = coll.shard_range(num_classes, world, rank)
+    if end <= start:
+        raise ValueError(f"classifier: N = {num_classes} classes cannot be split over "
+                         f"{world} ranks (rank {rank} would own none)")  # fmt: skip
+    if previous is not None:
+        return previous.sliced(start, end)
+    if initial is not None:
+        return RowStore(initial[start:end] if world > 1 else initial, start, **store_kw)
+    rows = initial_rows(start, end, num_classes, dim, init_std, seed)
+    return RowStore(rows, start, **store_kw)
 
 
 def select_in_shard(
@@ -95,8 +110,8 @@ def select_in_shard(
     local = (labels >= start) & (labels < end)
     num_pos, restore = int(torch.unique(labels[local]).numel()), None
     if num_pos > sampler.num:
-        if not getattr(sampler, "_warned_grow", False):
-            sampler._warned_grow = True
+        if sampler not in _WARNED_GROW:
+            _WARNED_GROW.add(sampler)
             log.info("classes [%d, %d): %d positives exceed the shard's share M_r = %d; the "
                      "active set grows for such steps (raise sampler.num to avoid this)",
                      start, end, num_pos, sampler.num)  # fmt: skip
@@ -156,3 +171,24 @@ def plain_hit(
     if distributed:
         coll.all_reduce_max_(stats, group)
     return stats[1] >= stats[0]
+
+
+@torch.no_grad()
+def best_classes(
+    store: RowStore, head: MarginHead, features: torch.Tensor, k: int | None, chunk_size: int,
+    group: Any = None, world: int = 1, rank: int = 0,
+) -> torch.Tensor:  # fmt: skip
+    """features (B_r, D) -> (B_r,) argmax ids (``k`` None) or (B_r, k) top-k ids, best first,
+    of the plain logits over all N classes. Under DDP (``world`` > 1, a collective) each rank
+    scores the gathered batch against its block and the ranks' bests are merged (ties:
+    lowest id)."""
+    if world == 1:
+        if k is None:
+            return store.argmax(features, head, chunk_size)[1]
+        return store.topk(features, head, k, chunk_size)[1]
+    feats, sizes = coll.gather_rows_of_batch(features, group)
+    if k is None:
+        merged = coll.merge_argmax(*store.argmax(feats, head, chunk_size), group)
+    else:  # (B, k_r) per rank, k_r <= k
+        merged = coll.merge_topk(*store.topk(feats, head, k, chunk_size), k, group)
+    return coll.my_rows(merged, sizes, rank)

@@ -19,7 +19,9 @@ Enable in a Hydra config::
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import logging
 import math
@@ -137,6 +139,17 @@ def write_summary(sweep_dir: Path, metric_name: str = "metric") -> list[JobResul
     return results
 
 
+def _job_error(job_return: JobReturn) -> str:
+    """repr of a failed job's exception: ``return_value`` raises it (and notes the failure on
+    stderr, which Hydra's launcher has already done)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            _ = job_return.return_value
+    except Exception as exc:  # the job's own exception
+        return repr(exc)
+    return "unknown error"
+
+
 class SweepSummary(Callback):
     """Writes the per-job result file and, after a multirun, the summary table."""
 
@@ -148,9 +161,9 @@ class SweepSummary(Callback):
         # working_dir is the process cwd unless hydra.job.chdir: use the job's output dir
         output_dir = Path(hydra_cfg.runtime.output_dir)
         if job_return.status == JobStatus.COMPLETED:
-            status, metric, error = "completed", _metric_value(job_return._return_value), None
+            status, metric, error = "completed", _metric_value(job_return.return_value), None
         else:
-            status, metric, error = "failed", None, repr(job_return._return_value)
+            status, metric, error = "failed", None, _job_error(job_return)
         result = JobResult(
             num=int(hydra_cfg.job.get("num", 0) or 0),
             overrides=list(job_return.overrides or []),

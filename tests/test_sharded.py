@@ -3,7 +3,7 @@
 Each worker builds the same global batches (seeded), keeps its rank's slice (ranks get
 different batch sizes on purpose), runs the sharded classifier and, on the full batch, a
 single-process ``SampledClassifier`` whose sampler replays the union of the ranks' active sets
-(rank order). Loss, feature and row gradients, the rows after ``sparse_step`` and the
+(rank order). Loss, feature and row gradients, the rows after ``classifier.step`` and the
 consolidated state dict must match. Workers assert; a failure in any rank fails the test.
 """
 

@@ -18,9 +18,10 @@ import pkgutil
 from collections.abc import Mapping
 from typing import Any
 
+from hf_softmax.samplers.active_set import ActiveSet
 from hf_softmax.samplers.annoy import AnnoySampler
 from hf_softmax.samplers.auto import AutoSampler
-from hf_softmax.samplers.base import ActiveSet, Sampler
+from hf_softmax.samplers.base import Sampler
 from hf_softmax.samplers.exact import ExactSampler, exact_topk, recall_at_k
 from hf_softmax.samplers.full import FullSampler
 from hf_softmax.samplers.hnsw import HNSWSampler
@@ -45,13 +46,14 @@ __all__ = [
 
 # given when N is known, never in a sampler's YAML
 GIVEN = frozenset({"self", "num_classes", "metric", "seed"})
+_SHARED = frozenset({"base", "active_set"})  # modules every sampler uses, not kinds
 _HYDRA_KEYS = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_args_"})
 
 
 def sampler_names() -> list[str]:
-    """The sampler kinds: the modules of this package (``base`` aside)."""
+    """The sampler kinds: the modules of this package (``base`` and ``active_set`` aside)."""
     here = __path__  # type: ignore[name-defined]  # this package's folder
-    return sorted(m.name for m in pkgutil.iter_modules(here) if m.name != "base")
+    return sorted(m.name for m in pkgutil.iter_modules(here) if m.name not in _SHARED)
 
 
 def _class_by_name(name: str) -> type[Sampler]:

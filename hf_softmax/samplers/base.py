@@ -1,20 +1,12 @@
-"""Sampler interface and the selection logic shared by every sampler.
+"""Sampler interface: the index life cycle and the selection of one step's active set.
 
-A sampler turns a batch (features (B, D), labels (B,)) into an ``ActiveSet`` of exactly
-M = ``num`` class ids:
-
-1. the unique positives (the batch's labels), sorted;
-2. for index samplers, each feature's k = ceil((M - |P|) / B) + 1 nearest rows, ordered by
-   rank then sample (all rank-0 neighbours first), so trimming drops the deepest ranks first;
-   deduplicated, positives removed, trimmed to M - |P|;
-3. uniform random classes not yet chosen until there are exactly M.
-
-``query="label"`` replaces step 2 by a lookup: the union of the positives' rows of the
-class-neighbour table (``hf_softmax.class_table``, built with every index), in the same
-rank-major order; it needs no features, so a step can be selected ahead.
-
-Labels are remapped into 0..M-1 (``targets``). Before the first ``swap`` an index sampler
-selects like ``random`` and logs that once.
+``select`` turns a batch (features (B, D), labels (B,)) into an ``ActiveSet`` of exactly
+M = ``num`` ids (``samplers/active_set.py`` draws the parts): the unique positives; for index
+samplers, ``M - |P|`` (less the ``random_fraction`` share) rank-major candidates from each
+feature's k = ceil((M - |P|) / B) + 1 nearest rows, or (``query="label"``) from the
+positives' rows of the class-neighbour table (``hf_softmax.class_table``), which needs no
+features, so a step can be selected ahead; then uniform classes until there are M. Before
+the first ``swap`` an index sampler selects like ``random`` and logs that once.
 
 Thread model: ``build_index`` is pure (reads a snapshot, returns a new index object) and may
 run in a background thread; ``swap`` installs an index atomically (one attribute store under
@@ -26,40 +18,24 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from hf_softmax.class_table import QUERY_MODES, neighbour_table, table_candidates
+from hf_softmax.class_table import check_label_knobs, neighbour_table, table_candidates
+from hf_softmax.samplers.active_set import (
+    ActiveSet,
+    logq_adjust,
+    positives_of,
+    rank_major_candidates,
+    uniform_fill,
+)
 
 log = logging.getLogger(__name__)
 
 METRICS = ("ip", "cosine")
-
-
 CORRECTIONS = ("none", "logq")
-
-
-@dataclass
-class ActiveSet:
-    """ids: (M,) int64 global class ids, positives first, unique.
-    targets: (B,) int64 labels remapped into 0..M-1 (``ids[targets] == labels``).
-    num_positives: number of unique labels in the batch (``ids[:num_positives]``).
-    num_index: how many ids after the positives came from the index (the rest: uniform fill).
-    logit_adjust: (M,) float32 added to the training logits (``correction="logq"``), or None.
-    """
-
-    ids: torch.Tensor
-    targets: torch.Tensor
-    num_positives: int
-    num_index: int = 0
-    logit_adjust: torch.Tensor | None = None
-
-    @property
-    def num(self) -> int:
-        return int(self.ids.numel())
 
 
 class Sampler:
@@ -101,13 +77,7 @@ class Sampler:
         query: str = "feature",
         table_k: int = 16,
     ) -> None:
-        if query not in QUERY_MODES:
-            raise ValueError(
-                f"sampler {self.name!r}: query must be one of {QUERY_MODES}, got {query!r}"
-            )
-        if int(table_k) < 1:
-            raise ValueError(f"sampler {self.name!r}: table_k must be >= 1, got {table_k}")
-        self.query_mode, self.table_k = str(query), int(table_k)
+        self.query_mode, self.table_k = check_label_knobs(self.name, query, table_k)
         if metric not in METRICS:
             raise ValueError(
                 f"sampler {self.name!r}: metric must be one of {METRICS}, got {metric!r}"
@@ -245,20 +215,8 @@ class Sampler:
     # -- selection -------------------------------------------------------------------------
     def select(self, features: torch.Tensor, labels: torch.Tensor) -> ActiveSet:
         """features (B, D) (detached, any device), labels (B,) int64 -> ActiveSet on CPU."""
-        labels = labels.detach().to("cpu", torch.int64).view(-1)
-        positives, targets = torch.unique(labels, sorted=True, return_inverse=True)
-        num_pos = int(positives.numel())
-        m = self.num
-        if m < num_pos:
-            raise ValueError(
-                f"sampler {self.name!r}: num (M) = {m} is smaller than the {num_pos} unique "
-                f"labels in the batch; raise sampler.num to at least {num_pos}"
-            )
-        if num_pos and (int(positives[0]) < 0 or int(positives[-1]) >= self.num_classes):
-            raise ValueError(
-                f"sampler {self.name!r}: labels must be in 0..{self.num_classes - 1}, got "
-                f"min {int(positives[0])} max {int(positives[-1])}"
-            )
+        positives, targets = positives_of(labels, self.num, self.num_classes, self.name)
+        num_pos, m = int(positives.numel()), self.num
         use_index = self.needs_index and self.num_selects >= self.index_after
         self.num_selects += 1
         pos = positives.numpy()
@@ -272,13 +230,11 @@ class Sampler:
             else:
                 index_ids = self._neighbours(features, pos, from_index)
             chosen = np.concatenate([pos, index_ids])
-        fill = self._random_fill(chosen, m - chosen.size)
+        fill = uniform_fill(self.num_classes, chosen, m - chosen.size, self.generator)
         ids = torch.from_numpy(np.concatenate([chosen, fill]).astype(np.int64, copy=False))
         adjust = None
         if self.correction == "logq" and fill.size:
-            # each uniform draw stands for (classes not yet chosen) / (draws) classes
-            adjust = torch.zeros(m, dtype=torch.float32)
-            adjust[chosen.size :] = math.log((self.num_classes - chosen.size) / fill.size)
+            adjust = logq_adjust(self.num_classes, chosen.size, fill.size)
         return ActiveSet(ids, targets, num_pos, int(chosen.size - num_pos), adjust)
 
     def _fallback(self) -> np.ndarray:
@@ -305,41 +261,7 @@ class Sampler:
         k = min(math.ceil(want / batch) + 1, self.num_classes)
         self.last_k = k  # the k a step really uses (recall probes measure at it)
         nbrs = self.query(np.ascontiguousarray(feats), k)  # (B, k)
-        cand = np.ascontiguousarray(nbrs.T).reshape(-1)  # rank 0 of every sample, then rank 1...
-        cand = cand[cand >= 0]
-        _, first = np.unique(cand, return_index=True)
-        cand = cand[np.sort(first)]  # dedupe, keep first occurrence (i.e. best rank)
-        cand = cand[~np.isin(cand, pos, assume_unique=True)]
-        return cand[:want].astype(np.int64, copy=False)
-
-    def _random_fill(self, chosen: np.ndarray, count: int) -> np.ndarray:
-        """``count`` distinct uniform ids from 0..N-1 not in ``chosen`` (distinct) -> (count,).
-
-        Rejection sampling (randint + isin) while the chosen set stays under half of N: cost
-        O(count + |chosen|) per step, independent of N. Near-full sets fall back to a
-        permutation of the complement, which is O(N) but only happens when N <= 2M.
-        """
-        if count <= 0:
-            return np.empty(0, dtype=np.int64)
-        n = self.num_classes
-        if 2 * (chosen.size + count) > n:
-            mask = np.ones(n, dtype=bool)
-            mask[chosen] = False
-            complement = np.flatnonzero(mask)
-            perm = torch.randperm(complement.size, generator=self.generator).numpy()
-            return complement[perm[:count]].astype(np.int64, copy=False)
-        taken = chosen
-        picked: list[np.ndarray] = []
-        need = count
-        while need > 0:
-            draw = torch.randint(n, (2 * need + 16,), generator=self.generator).numpy()
-            _, first = np.unique(draw, return_index=True)
-            draw = draw[np.sort(first)]  # distinct, still in random order
-            draw = draw[~np.isin(draw, taken, assume_unique=True)][:need]
-            picked.append(draw)
-            taken = np.concatenate([taken, draw])
-            need -= draw.size
-        return np.concatenate(picked).astype(np.int64, copy=False)
+        return rank_major_candidates(nbrs, pos, want)
 
     # -- selection ahead (``SampledClassifier``, label mode) --------------------------------
     def selection_state(self) -> dict[str, Any]:

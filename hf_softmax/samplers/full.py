@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from hf_softmax.samplers.base import ActiveSet, Sampler
+from hf_softmax.samplers.active_set import ActiveSet
+from hf_softmax.samplers.base import Sampler
 
 
 class FullSampler(Sampler):

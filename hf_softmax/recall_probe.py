@@ -1,0 +1,42 @@
+"""The recall probe: how many of the true nearest rows the serving index (or table) returns.
+
+Feature mode: recall@k of ``sampler.query`` on a step's features (B, D) against exact top-k
+(``samplers.exact.exact_topk``) over the current rows; k is ``probe_k``, or the k the last
+selection used. Label mode (``sampler.query=label``, a table installed): recall of the table
+rows of the last batch's classes against their exact K nearest other rows now
+(``class_table.table_recall``, k = ``table_k``): the index's misses and the rows' drift since
+the build together. ``IndexMaintainer`` probes every ``probe_every`` steps and acts on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from hf_softmax.class_table import table_recall
+from hf_softmax.samplers.exact import exact_topk, recall_at_k
+
+
+def probe_recall(
+    sampler: Any,
+    weights: np.ndarray,
+    features: torch.Tensor | np.ndarray,
+    probe_k: int | None = None,
+    chunk_size: int = 65536,
+) -> tuple[float, int]:
+    """(recall, k) of ``sampler``'s serving index (feature mode) or table (label mode) against
+    exact neighbours over ``weights`` (N, D) float32, the rows now; features (B, D)."""
+    table = getattr(sampler, "table", None)
+    if getattr(sampler, "query_mode", "feature") == "label" and table is not None:
+        recall = table_recall(table, weights, sampler.last_positives, sampler.metric, chunk_size)
+        return recall, int(table.shape[1])
+    if isinstance(features, torch.Tensor):
+        features = features.detach().to("cpu", torch.float32).numpy()
+    feats = np.ascontiguousarray(features, dtype=np.float32)
+    k = probe_k if probe_k is not None else (sampler.last_k or 10)
+    k = min(k, sampler.num_classes)
+    approx = sampler.query(feats, k)
+    exact = exact_topk(weights, feats, k, sampler.metric, chunk_size)
+    return recall_at_k(approx, exact), k
