@@ -32,24 +32,16 @@ from typing import Any
 
 import hydra
 import numpy as np
-import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from data.transforms import ImageDecodeError
-from data.verification import VerificationFormatError, find_bin, is_bin_name, load_bin
+from data.verification import VerificationFormatError, load_bin
 from hf_softmax.evaluation.checkpoint import (
-    classifier_rows,
     load_checkpoint,
     plain_config,
 )
-from hf_softmax.evaluation.closed_set import (
-    closed_set_counts,
-    closed_set_result,
-    holdout_loader,
-    rec_loader,
-    resolve_top1_recs,
-)
+from hf_softmax.evaluation.closed_set import closed_set_summary, resolve_top1_recs
 from hf_softmax.evaluation.errors import EvaluateError
 from hf_softmax.evaluation.onnx_export import check_images, export_onnx
 from hf_softmax.evaluation.pairs import save_pair_outputs, verify_set
@@ -63,84 +55,17 @@ from hf_softmax.evaluation.reports import (
     onnx_line,
     write_tables,
 )
+from hf_softmax.evaluation.sources import resolve_bins, resolve_device, resolve_flip
 from hf_softmax.metrics import model_cost
 
 log = logging.getLogger("evaluate")
-
-INSIGHTFACE_SETS = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw")
-# ---------------------------------------------------------------------------------------------
-# verification sets
-
-
-def resolve_bins(cfg: DictConfig, train_cfg: dict[str, Any]) -> list[Path]:
-    """`bins` entries -> .bin paths, by the DataModule's rule (``data.verification.find_bin``).
-
-    An entry is a path or a set name (lfw, cfp_fp, ...) looked up as <dir>/<name>.bin in
-    data.path (its parent when it is a file) and, for demo data, the demo directory. Empty
-    `bins`: data.bins, else the demo's pairs.bin.
-    """
-    entries = [str(e) for e in (cfg.get("bins") or cfg.data.get("bins") or [])]
-    if not entries:
-        return [_demo_dir(cfg, train_cfg) / "pairs.bin"]
-    data_path = cfg.data.get("path")
-    dirs: list[Path] = []
-    if data_path:
-        p = Path(to_absolute_path(str(data_path)))
-        dirs.append(p.parent if p.is_file() else p)
-    if (cfg.data.get("demo") or not data_path) and any(map(is_bin_name, entries)):
-        dirs.append(_demo_dir(cfg, train_cfg))
-    out = []
-    for entry in entries:
-        try:
-            out.append(find_bin(entry, dirs, cwd=Path(to_absolute_path("."))))
-        except FileNotFoundError as exc:
-            hint = (
-                f"; InsightFace sets ({', '.join(INSIGHTFACE_SETS)}) are looked up in data.path"
-                if entry in INSIGHTFACE_SETS
-                else f"; known names: {', '.join(INSIGHTFACE_SETS)}, or give a path to a .bin"
-            )
-            raise EvaluateError(f"{exc}{hint}") from None
-    return out
-
-
-def _demo_dir(cfg: DictConfig, train_cfg: dict[str, Any]) -> Path:
-    """The demo directory: the checkpoint's own demo when it was trained on one (its pairs
-    come from identities that run never saw), else the one data.demo_kwargs describes."""
-    from data.demo import ensure_demo
-
-    train_data = train_cfg.get("data") or {}
-    if train_data.get("demo"):
-        kwargs = dict(train_data.get("demo_kwargs") or {})
-    else:
-        kwargs = dict(plain_config(cfg.data.get("demo_kwargs")) or {})
-    return Path(ensure_demo(**kwargs))
-
-
-# ---------------------------------------------------------------------------------------------
-# main
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_flip(value: Any, train_cfg: dict[str, Any]) -> bool:
-    """``flip``: true/false, or ``auto`` = the checkpoint's data.flip (true when absent:
-    checkpoints from before data.flip trained with random flips)."""
-    if str(value).lower() == "auto":
-        return bool((train_cfg.get("data") or {}).get("flip", True))
-    if isinstance(value, bool):
-        return value
-    raise EvaluateError(f"flip={value!r}: expected true, false or auto")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the whole evaluation; returns the summary written to metrics.json."""
     out_dir = Path(to_absolute_path(str(cfg.out_dir)))
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = _device(str(cfg.device))
+    device = resolve_device(str(cfg.device))
     if OmegaConf.is_missing(cfg.data, "path"):
         raise EvaluateError("data=rec needs data.path=<dataset directory with train.rec and .bin>")
     model_override = plain_config(cfg.get("model"))
@@ -148,7 +73,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     size = int(loaded.model_cfg["input_size"])
     channels = int(loaded.model_cfg.get("in_channels", 3))
     flip = resolve_flip(cfg.flip, loaded.train_cfg)
-    top1_recs = resolve_top1_recs(cfg.top1_rec) if cfg.get("top1_rec") else []
+    if cfg.get("top1_rec"):
+        resolve_top1_recs(cfg.top1_rec)  # a missing file fails before any work
     cost = model_cost(loaded.backbone, size)
     print(f"backbone {loaded.model_cfg['name']} @ {size}x{size}x{channels}: {cost}")
     summary: dict[str, Any] = {
@@ -177,31 +103,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         first_images = first_images or vs.images[:3]
         log.info("%s: %d pairs in %.1f s", vs.name, len(vs.issame), seconds)
 
-    train_data = loaded.train_cfg.get("data") or {}
-    top1 = cfg.top1
-    if top1 == "auto":  # data=rec with a held-out split (this run's or the checkpoint's)
-        split = cfg.data.get("val_fraction") or train_data.get("val_fraction")
-        top1 = not cfg.data.get("demo", False) and bool(split)
-    if top1 or top1_recs:
-        weight, head = classifier_rows(loaded)
-        chunk = int(cfg.get("top1_chunk_size", 65536))
-
-        def score(loader: Any, name: str) -> dict[str, Any]:
-            t0 = time.perf_counter()
-            counts = closed_set_counts(backbone, loader, weight, head, flip, chunk, device)
-            return {**closed_set_result(counts, name, out_dir), "seconds": time.perf_counter() - t0}
-
-        if top1:  # training's held-out split: same data.val_fraction and seed
-            summary["top1"] = score(holdout_loader(cfg.data, train_data, size, channels), "holdout")
-        workers = int(cfg.data.get("num_workers", 0) or 0)
-        for rec in top1_recs:
-            name = rec.stem
-            taken = {*summary["sets"], *summary.get("closed_set", {}), "holdout"}
-            if name in taken:  # e.g. two test.rec in different directories
-                name = f"{name}_{len(taken)}"
-            loader = rec_loader(rec, len(weight), size, channels, int(cfg.batch_size), workers)
-            summary.setdefault("closed_set", {})[name] = {"path": str(rec), **score(loader, name)}
-
+    summary.update(
+        closed_set_summary(cfg, loaded, backbone, flip, device, out_dir, summary["sets"])
+    )
     closed = closed_set_rows(summary)
     summary["metrics"] = flat_metrics(rows + closed)
     if rows:

@@ -10,6 +10,7 @@ its first column). Features use ``embed.flip_embed``.
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
+from hf_softmax.evaluation.checkpoint import LoadedCheckpoint, classifier_rows
 from hf_softmax.evaluation.embed import flip_embed
 from hf_softmax.evaluation.errors import EvaluateError
 from hf_softmax.heads import MarginHead
@@ -145,4 +147,51 @@ def resolve_top1_recs(value: Any) -> list[Path]:
                 "or a directory with test.rec)"
             )
         out.append(rec)
+    return out
+
+
+def closed_set_summary(
+    cfg: Any,
+    loaded: LoadedCheckpoint,
+    backbone: nn.Module,
+    flip: bool,
+    device: torch.device,
+    out_dir: Path,
+    taken: Any = (),
+) -> dict[str, Any]:
+    """evaluate.py's closed-set part: ``{"top1": holdout result}`` (``cfg.top1``: true, or
+    auto = data=rec with a held-out split, this run's or the checkpoint's) and
+    ``{"closed_set": {name: result}}`` for each ``cfg.top1_rec`` file; {} when neither.
+
+    taken: set names already used (a .rec named like one gets a suffix).
+    """
+    train_data = loaded.train_cfg.get("data") or {}
+    top1 = cfg.top1
+    if top1 == "auto":
+        split = cfg.data.get("val_fraction") or train_data.get("val_fraction")
+        top1 = not cfg.data.get("demo", False) and bool(split)
+    recs = resolve_top1_recs(cfg.top1_rec) if cfg.get("top1_rec") else []
+    out: dict[str, Any] = {}
+    if not (top1 or recs):
+        return out
+    size = int(loaded.model_cfg["input_size"])
+    channels = int(loaded.model_cfg.get("in_channels", 3))
+    weight, head = classifier_rows(loaded)
+    chunk = int(cfg.get("top1_chunk_size", 65536))
+
+    def score(loader: Any, name: str) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        counts = closed_set_counts(backbone, loader, weight, head, flip, chunk, device)
+        return {**closed_set_result(counts, name, out_dir), "seconds": time.perf_counter() - t0}
+
+    if top1:  # training's held-out split: same data.val_fraction and seed
+        out["top1"] = score(holdout_loader(cfg.data, train_data, size, channels), "holdout")
+    workers = int(cfg.data.get("num_workers", 0) or 0)
+    for rec in recs:
+        name = rec.stem
+        used = {*taken, *out.get("closed_set", {}), "holdout"}
+        if name in used:  # e.g. two test.rec in different directories
+            name = f"{name}_{len(used)}"
+        loader = rec_loader(rec, len(weight), size, channels, int(cfg.batch_size), workers)
+        out.setdefault("closed_set", {})[name] = {"path": str(rec), **score(loader, name)}
     return out
