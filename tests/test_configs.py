@@ -39,7 +39,7 @@ def compose_train(overrides: list[str], tmp_path: Path) -> DictConfig:
 def test_every_group_has_options():
     for group in GROUPS:
         assert options(group), f"conf/{group}/ is empty"
-    assert set(options("sampler")) == {"full", "random", "annoy", "hnsw", "exact", "auto"}
+    assert set(options("sampler")) == {"full", "random", "annoy", "hnsw", "exact", "faiss", "auto"}
     assert {"cpu", "gpu", "ddp"} <= set(options("trainer"))
     assert {"default", "wandb", "csv", "none"} <= set(options("logger"))
     assert "ms1m_iresnet50" in options("experiment")

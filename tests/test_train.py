@@ -75,7 +75,7 @@ FINAL_KEYS = {
 }
 
 
-@pytest.mark.parametrize("sampler", ["annoy", "hnsw", "exact", "random", "full"])
+@pytest.mark.parametrize("sampler", ["annoy", "hnsw", "exact", "faiss", "random", "full"])
 def test_fast_dev_run_every_sampler(sampler, tmp_path, capsys):
     cfg = compose_cfg([f"sampler={sampler}", "trainer.fast_dev_run=true", "logger=csv"], tmp_path)
     value = train_script.train(cfg)
