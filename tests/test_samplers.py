@@ -231,13 +231,16 @@ def test_hnsw_refresh_updates_only_changed_rows(in_place):
         ({"index": "flat"}, 1.0),
         ({"index": "ivf", "nlist": 40, "nprobe": 40}, 1.0),  # every cell scanned: exact
         ({"index": "ivf", "nlist": 40, "nprobe": 4}, 0.7),
+        ({"index": "ivf", "nlist": 40, "nprobe": 40, "storage": "sq8"}, 0.9),
         ({"index": "hnsw", "m": 16, "efSearch": 64}, 0.9),
     ],
 )
 def test_faiss_recall_at_10_against_exact(knobs, floor, metric):
     rows, feats, _ = clustered(n=3000, d=32)
     sampler = make("faiss", 3000, 100, metric, **knobs)
+    before = rows.copy()
     sampler.swap(sampler.build_index(rows))
+    assert np.array_equal(rows, before)  # the snapshot is never normalised in place
     found = sampler.query(feats.numpy(), 10)
     assert found.shape == (64, 10) and found.dtype == np.int64
     assert sampler.backend == "faiss-cpu" or torch.cuda.is_available()
@@ -265,6 +268,8 @@ def test_faiss_effort_knob_and_errors():
         make("faiss", 100, 10, index="lsh")
     with pytest.raises(ValueError, match="nlist = 500 exceeds num_classes = 100"):
         make("faiss", 100, 10, nlist=500)
+    with pytest.raises(ValueError, match="storage must be one of"):
+        make("faiss", 100, 10, storage="pq")
     with pytest.raises(ValueError, match="device must be one of"):
         make("faiss", 100, 10, device="tpu")
 

@@ -2,7 +2,9 @@
 
 Knobs: ``index`` — ``flat`` (exact, brute force in BLAS), ``ivf`` (inverted lists over
 ``nlist`` k-means cells, each query scans the ``nprobe`` nearest cells; -1: nlist =
-4·sqrt(N), capped so every cell gets >= 39 training rows), ``hnsw`` (graph of degree ``m``,
+4·sqrt(N), capped so every cell gets >= 39 training rows; ``storage``: ``flat`` float32
+rows, 4·D bytes each, or ``sq8`` 8-bit scalar-quantised rows, D bytes each, slightly lower
+recall), ``hnsw`` (graph of degree ``m``,
 build beam ``efConstruction``, query beam ``efSearch``); ``threads`` (build threads) and
 ``query_threads`` (threads sharing one batch's queries), -1 = all cores; ``kmeans_iters``
 and ``train_per_list`` (rows per cell the IVF k-means sees; more: better cells, slower
@@ -41,6 +43,7 @@ from hf_softmax.samplers.exact import exact_topk
 log = logging.getLogger(__name__)
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
+STORAGES = ("flat", "sq8")  # how an ivf index stores its rows
 DEVICES = ("auto", "cpu", "cuda")
 _EFFORT = {"flat": None, "ivf": "nprobe", "hnsw": "efSearch"}
 _MIN_PER_LIST = 39  # faiss warns below 39 training rows per k-means cell
@@ -78,6 +81,7 @@ class FaissSampler(Sampler):
         index: str = "ivf",
         nlist: int = -1,
         nprobe: int = 16,
+        storage: str = "flat",
         m: int = 32,
         efConstruction: int = 64,  # faiss's own names
         efSearch: int = 64,
@@ -92,6 +96,8 @@ class FaissSampler(Sampler):
             raise ValueError(f"sampler 'faiss': index must be one of {INDEX_KINDS}, got {index!r}")
         if device not in DEVICES:
             raise ValueError(f"sampler 'faiss': device must be one of {DEVICES}, got {device!r}")
+        if storage not in STORAGES:
+            raise ValueError(f"sampler 'faiss': storage must be one of {STORAGES}, got {storage!r}")
         self.faiss = import_faiss()
         self.index_kind = index
         self.effort_knob = _EFFORT[index]
@@ -101,6 +107,7 @@ class FaissSampler(Sampler):
                 f"sampler 'faiss': nlist = {self.nlist} exceeds num_classes = {self.num_classes}"
             )
         self.nprobe = int(nprobe)
+        self.storage = storage
         self.m = int(m)
         self.efConstruction = int(efConstruction)
         self.efSearch = int(efSearch)
@@ -152,7 +159,13 @@ class FaissSampler(Sampler):
 
     def build_index(self, weights: np.ndarray) -> Any:
         """(N, D) float32 snapshot -> a faiss index (ids 0..N-1) or a device tensor."""
-        w = np.array(weights, dtype=np.float32, copy=True, order="C")  # the snapshot stays put
+        # faiss copies the rows on add; only cosine needs a (normalised) copy of its own
+        cosine = self.metric == "cosine"
+        w = (
+            np.array(weights, np.float32, order="C")
+            if cosine
+            else np.ascontiguousarray(weights, np.float32)
+        )
         n, d = w.shape
         if n != self.num_classes:
             raise ValueError(f"sampler 'faiss': weights have {n} rows, expected {self.num_classes}")
@@ -161,7 +174,7 @@ class FaissSampler(Sampler):
             t = torch.from_numpy(w).to(torch.device("cuda", torch.cuda.current_device()))
             return F.normalize(t, dim=1) if self.metric == "cosine" else t
         faiss = self.faiss
-        if self.metric == "cosine":
+        if cosine:
             faiss.normalize_L2(w)
         faiss.omp_set_num_threads(self.threads)  # per calling thread (an OpenMP ICV)
         ip = faiss.METRIC_INNER_PRODUCT
@@ -171,7 +184,12 @@ class FaissSampler(Sampler):
             index = faiss.IndexHNSWFlat(d, self.m, ip)
             index.hnsw.efConstruction = self.efConstruction
         else:
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, self.nlist, ip)
+            quantizer = faiss.IndexFlatIP(d)
+            if self.storage == "sq8":
+                qt = faiss.ScalarQuantizer.QT_8bit
+                index = faiss.IndexIVFScalarQuantizer(quantizer, d, self.nlist, qt, ip)
+            else:
+                index = faiss.IndexIVFFlat(quantizer, d, self.nlist, ip)
             index.cp.niter = self.kmeans_iters
             index.cp.seed = self.seed
             index.cp.max_points_per_centroid = self.train_per_list  # k-means subsamples W
