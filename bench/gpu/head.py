@@ -147,7 +147,7 @@ class Point:
         }
 
     def run(self, variant: str, offload: bool, weight: Any) -> None:
-        from bench.head_speed import HeadBench
+        from bench.head_step import HeadBench
 
         torch, cfg = self.torch, self.cfg
         if variant == "annoy" and self.n > cfg["annoy_max_n"]:
