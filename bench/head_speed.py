@@ -41,6 +41,7 @@ from bench.common import (  # noqa: E402
     fmt_bytes,
     fmt_seconds,
     free_memory,
+    mem_available,
     rss_bytes,
     setup_run,
     write_json,
@@ -53,7 +54,6 @@ from bench.head_step import (  # noqa: E402
     StepResult,
     estimated_bytes,
     hnsw_quick_knobs,
-    mem_available,
     parse_knobs,
     state_bytes,
 )

@@ -59,17 +59,6 @@ class StepResult:
     note: str = ""
 
 
-def mem_available() -> int:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
-
-
 def estimated_bytes(sampler: str, n: int, d: int) -> int:
     """Rough peak host bytes of one configuration (W, momentum, grads, index build)."""
     row = n * d * 4

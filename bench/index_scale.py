@@ -44,7 +44,8 @@ from bench.common import (  # noqa: E402
     setup_run,
     write_json,
 )
-from bench.head_step import LR, mem_available  # noqa: E402
+from bench.head_step import LR  # noqa: E402
+from bench.memory import mem_available  # noqa: E402
 from hf_softmax.classifier import SampledClassifier  # noqa: E402
 from hf_softmax.heads import build_head  # noqa: E402
 from hf_softmax.samplers import build_sampler, exact_topk, recall_at_k  # noqa: E402
