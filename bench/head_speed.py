@@ -16,6 +16,8 @@ fresh batch from a small pre-generated pool so data generation is not timed.
     python -m bench.head_speed --large --samplers random annoy exact
     python -m bench.head_speed --n 1000000 --d 256 --samplers random annoy faiss full \
         --knobs faiss:nprobe=8
+    python -m bench.head_speed --n 1000000 --d 256 --samplers random faiss faiss.hnsw \
+        --knobs faiss:nprobe=8 faiss.hnsw:index=hnsw     # one kind twice: labelled variants
 """
 
 from __future__ import annotations
@@ -49,11 +51,12 @@ from bench.common import (  # noqa: E402
 from bench.head_speed_report import add_ratios, render  # noqa: E402
 from bench.head_step import (  # noqa: E402
     SAMPLERS,
-    VARIANTS,
     HeadBench,
     StepResult,
+    check_variant,
     estimated_bytes,
     hnsw_quick_knobs,
+    kind_of,
     parse_knobs,
     state_bytes,
 )
@@ -97,7 +100,8 @@ def bench_point(
     shared = None
     order = [s for s in samplers]
     for s in order:
-        knobs = {**(hnsw_quick_knobs(n, quick) if s == "hnsw" else {}), **(knobs_of.get(s, {}))}
+        lean = hnsw_quick_knobs(n, quick) if kind_of(s) == "hnsw" else {}
+        knobs = {**lean, **knobs_of.get(s, {})}
         need = estimated_bytes(s, n, d) - (2 * n * d * 4 if shared is not None else 0)
         avail = mem_available()
         if need > 0.85 * avail:
@@ -128,7 +132,7 @@ def bench_point(
             num_classes=n,
             dim=d,
             batch=batch,
-            num=n if s == "full" else num,
+            num=n if kind_of(s) == "full" else num,
             step_s=float("nan"),
             steps=0,
             build_s=build_s,
@@ -252,7 +256,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="D = 256 only, few repeats")
     p.add_argument("--large", action="store_true", help="add N = 1e7, D = 128 (offload)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=VARIANTS)
+    p.add_argument(
+        "--samplers",
+        nargs="+",
+        default=list(SAMPLERS),
+        type=check_variant,
+        help="SAMPLER or SAMPLER.LABEL (e.g. faiss.hnsw, knobs by that name)",
+    )
     p.add_argument("--large-samplers", nargs="+", default=["random", "annoy", "exact"])
     p.add_argument("--n", type=int, nargs="+", help="override the grid's N values")
     p.add_argument("--d", type=int, nargs="+", help="override the grid's D values")

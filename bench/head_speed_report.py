@@ -14,7 +14,7 @@ from bench.common import (
     pyplot,
     save_figure,
 )
-from bench.head_step import VARIANTS, StepResult
+from bench.head_step import StepResult
 
 
 def add_ratios(results: list[StepResult]) -> None:
@@ -122,7 +122,7 @@ def plot(rows: list[dict[str, Any]], name: str = "head_speed.png"):
     dims = sorted({r["dim"] for r in rows})
     fig, axes = plt.subplots(1, len(dims), figsize=(5 * len(dims), 4), squeeze=False)
     for ax, d in zip(axes[0], dims, strict=True):
-        for s in VARIANTS:
+        for s in dict.fromkeys(r["sampler"] for r in rows):  # every variant, in run order
             pts = sorted(
                 (r["num_classes"], r["step_s"])
                 for r in rows

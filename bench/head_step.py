@@ -32,6 +32,23 @@ from hf_softmax.samplers import build_sampler
 SAMPLERS = ("full", "random", "annoy", "hnsw", "exact")  # the default grid's
 DENSE_UPDATE = "dense-update"  # random rows, dense N x D optimizer update (Partial FC v2)
 VARIANTS = (*SAMPLERS, "faiss", DENSE_UPDATE)
+
+
+def kind_of(variant: str) -> str:
+    """A variant's sampler kind: ``faiss.hnsw`` -> ``faiss`` (a label after the dot lets one
+    run time a kind twice with different ``--knobs``, e.g. ``faiss.hnsw:index=hnsw``)."""
+    return variant.split(".", 1)[0]
+
+
+def check_variant(variant: str) -> str:
+    """argparse type of ``--samplers``: KIND or KIND.LABEL with KIND in ``VARIANTS``."""
+    if kind_of(variant) not in VARIANTS:
+        raise argparse.ArgumentTypeError(
+            f"{variant!r}: expected SAMPLER or SAMPLER.LABEL with SAMPLER in {VARIANTS}"
+        )
+    return variant
+
+
 LR = 0.1
 
 
@@ -59,8 +76,9 @@ class StepResult:
     note: str = ""
 
 
-def estimated_bytes(sampler: str, n: int, d: int) -> int:
+def estimated_bytes(variant: str, n: int, d: int) -> int:
     """Rough peak host bytes of one configuration (W, momentum, grads, index build)."""
+    sampler = kind_of(variant)
     row = n * d * 4
     if sampler in ("full", DENSE_UPDATE):
         return 3 * row  # weight, grad, momentum
@@ -145,8 +163,8 @@ class HeadBench:
         self.device = torch.device(device)
         self.knobs = knobs
         head_module = build_head(head)
-        dense_update = sampler_name == DENSE_UPDATE
-        cfg = sampler_config("random" if dense_update else sampler_name, num, **knobs)
+        dense_update = kind_of(sampler_name) == DENSE_UPDATE
+        cfg = sampler_config("random" if dense_update else kind_of(sampler_name), num, **knobs)
         sampler = build_sampler(cfg, n, head_module.metric, seed)
         if dense_update:
             if weight is None:
@@ -245,16 +263,17 @@ class HeadBench:
 
 def state_bytes(sampler: str, n: int, d: int) -> int:
     """W + momentum (+ gradient for the dense baseline and dense-update), float32."""
-    return (3 if sampler in ("full", DENSE_UPDATE) else 2) * n * d * 4
+    return (3 if kind_of(sampler) in ("full", DENSE_UPDATE) else 2) * n * d * 4
 
 
 def parse_knobs(items: list[str], parser: argparse.ArgumentParser) -> dict[str, dict[str, Any]]:
-    """["faiss:nprobe=8", ...] -> {"faiss": {"nprobe": 8}} (values parsed as YAML scalars)."""
+    """["faiss:nprobe=8", ...] -> {"faiss": {"nprobe": 8}} (values parsed as YAML scalars);
+    SAMPLER may be a labelled variant (``faiss.hnsw:index=hnsw``)."""
     knobs: dict[str, dict[str, Any]] = {}
     for item in items:
         sampler, sep, rest = item.partition(":")
         key, eq, value = rest.partition("=")
-        if not sep or not eq or sampler not in VARIANTS:
+        if not sep or not eq or kind_of(sampler) not in VARIANTS:
             parser.error(f"--knobs {item!r}: expected SAMPLER:KEY=VALUE with SAMPLER in {VARIANTS}")
         knobs.setdefault(sampler, {})[key] = yaml.safe_load(value)
     return knobs
