@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.all import gpu_section
+from bench.benchmarks_doc import gpu_section
 from tests.conftest import REPO
 
 

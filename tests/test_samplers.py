@@ -1,4 +1,4 @@
-"""Sampler invariants for every kind, ANN recall against exact top-k, hnsw refresh."""
+"""Sampler invariants for every kind, ANN recall against exact top-k, hnsw refresh, faiss."""
 
 import logging
 import math
@@ -229,3 +229,69 @@ def test_hnsw_refresh_updates_only_changed_rows(in_place):
     assert np.allclose(again.get_items([5])[0], rows[5])
     # refreshing more than refresh_fraction of the rows is a full build
     assert sampler.refresh(new_rows, np.arange(400)) is not sampler.index
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+@pytest.mark.parametrize(
+    "knobs,floor",
+    [
+        ({"index": "flat"}, 1.0),
+        ({"index": "ivf", "nlist": 40, "nprobe": 40}, 1.0),  # every cell scanned: exact
+        ({"index": "ivf", "nlist": 40, "nprobe": 4}, 0.7),
+        ({"index": "ivf", "nlist": 40, "nprobe": 40, "storage": "sq8"}, 0.9),
+        ({"index": "hnsw", "m": 16, "efSearch": 64}, 0.9),
+    ],
+)
+def test_faiss_recall_at_10_against_exact(knobs, floor, metric):
+    rows, feats, _ = clustered(n=3000, d=32)
+    sampler = make("faiss", 3000, 100, metric, **knobs)
+    before = rows.copy()
+    sampler.swap(sampler.build_index(rows))
+    assert np.array_equal(rows, before)  # the snapshot is never normalised in place
+    found = sampler.query(feats.numpy(), 10)
+    assert found.shape == (64, 10) and found.dtype == np.int64
+    assert sampler.backend == "faiss-cpu" or torch.cuda.is_available()
+    assert recall_at_k(found, exact_topk(rows, feats, 10, metric)) >= floor
+    # k beyond N pads with -1 like the other indexes
+    small = make("faiss", 20, 5, metric, **{**knobs, "nlist": 2, "nprobe": 2})
+    small.swap(small.build_index(rows[:20]))
+    padded = small.query(feats[:3].numpy(), 25)
+    assert padded.shape == (3, 25) and (padded[:, 20:] == -1).all()
+    assert sorted(padded[0, :20].tolist()) == list(range(20))
+
+
+def test_faiss_effort_knob_and_errors():
+    ivf = make("faiss", 3000, 100, index="ivf", nlist=50, nprobe=8)
+    assert ivf.effort_knob == "nprobe" and ivf.effort == 8 and ivf.default_effort(10) == 8
+    ivf.effort = 32
+    assert ivf.nprobe == 32
+    hnsw = make("faiss", 3000, 100, index="hnsw", efSearch=16)
+    assert hnsw.effort_knob == "efSearch" and hnsw.default_effort(40) == 40
+    flat = make("faiss", 3000, 100, index="flat")
+    assert flat.effort is None and flat.default_effort(10) is None
+    assert make("faiss", 10**6, 100).nlist == 4000  # 4 sqrt(N)
+    assert make("faiss", 800, 100).nlist == 800 // 39  # every cell keeps >= 39 training rows
+    with pytest.raises(ValueError, match=r"index must be one of .*'lsh'"):
+        make("faiss", 100, 10, index="lsh")
+    with pytest.raises(ValueError, match="nlist = 500 exceeds num_classes = 100"):
+        make("faiss", 100, 10, nlist=500)
+    with pytest.raises(ValueError, match="storage must be one of"):
+        make("faiss", 100, 10, storage="pq")
+    with pytest.raises(ValueError, match="device must be one of"):
+        make("faiss", 100, 10, device="tpu")
+
+
+def test_faiss_state_round_trip_selects_the_same():
+    rows, feats, labels = clustered(n=2000, d=16)
+    labels = torch.from_numpy(labels[:16])
+    a = make("faiss", 2000, 120, random_fraction=0.5, nlist=20, threads=1)
+    a.swap(a.build_index(rows))
+    a.select(feats[:16], labels)
+    state = a.state_dict()
+    first = a.select(feats[:16], labels)
+    b = make("faiss", 2000, 120, random_fraction=0.5, nlist=20, threads=1)
+    b.load_state_dict(state)
+    b.swap(b.build_index(rows))  # the index is never in the state: rebuilt after loading
+    again = b.select(feats[:16], labels)
+    assert torch.equal(again.ids, first.ids) and again.num_index == first.num_index > 0
+    assert b.num_selects == a.num_selects

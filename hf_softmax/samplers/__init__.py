@@ -23,6 +23,7 @@ from hf_softmax.samplers.annoy import AnnoySampler
 from hf_softmax.samplers.auto import AutoSampler
 from hf_softmax.samplers.base import Sampler
 from hf_softmax.samplers.exact import ExactSampler, exact_topk, recall_at_k
+from hf_softmax.samplers.faiss import FaissSampler
 from hf_softmax.samplers.full import FullSampler
 from hf_softmax.samplers.hnsw import HNSWSampler
 from hf_softmax.samplers.random import RandomSampler
@@ -32,6 +33,7 @@ __all__ = [
     "AnnoySampler",
     "AutoSampler",
     "ExactSampler",
+    "FaissSampler",
     "FullSampler",
     "HNSWSampler",
     "RandomSampler",
