@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench import accuracy_report, head_speed_report, index_cost
+from bench import accuracy_report, head_speed_report, index_cost, selection_report
 from bench.paths import DOCS, OUT_DIR
 from bench.targets import accuracy_target, head_target, large_target, stall_target
 
@@ -103,6 +103,9 @@ def write_doc(
     if hangul_md.exists():
         parts += ["", "## Real images: the Hangul benchmark (`python -m bench.hangul run`)", ""]
         parts += [hangul_md.read_text().rstrip()]
+    selection = selection_report.render()
+    if selection:
+        parts += ["", "## Selection off the critical path (issue 14)", "", selection]
     gpu = gpu_section(OUT_DIR / GPU_JSON)
     if gpu:
         parts += ["", gpu]

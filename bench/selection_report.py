@@ -1,0 +1,208 @@
+"""docs/benchmarks.md, "Selection off the critical path": what choosing the active classes costs.
+
+Renders the results of four scripts (each writes its JSON under docs/bench/; this module only
+reads them):
+
+- ``python -m bench.label_speed`` -> ``label_speed.json``: the head step with random,
+  label-driven (``sampler.query=label``) and per-feature (``query=feature``) selection, and
+  the dense baseline, side by side at N = 1e5 / 1e6;
+- ``python -m bench.build_stall`` -> ``build_stall.json``: steps while an index build runs in
+  a thread or in the build process;
+- ``python -m bench.index_scale`` -> ``index_scale.json``: an index over 10^7 rows in host RAM;
+- ``python -m bench.accuracy --query ...`` -> ``accuracy_label.json``: label vs feature
+  selection on the synthetic hard-negative task.
+
+``python -m bench.selection_report`` re-renders docs/bench/selection.md and its plot;
+``python -m bench.all --reuse`` puts it into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from bench.formatting import markdown_table
+from bench.output import pyplot, save_figure
+from bench.paths import OUT_DIR
+
+GIB = 2**30
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = OUT_DIR / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _ms(v: float | None) -> str:
+    return "–" if v is None else f"{1000 * v:.1f}"
+
+
+def _ratio(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}×"
+
+
+def label_speed_section(data: dict[str, Any]) -> list[str]:
+    """Step time per selection mode, one table per N, with the issue's targets checked."""
+    lines = [
+        "Command: `python -m bench.label_speed --sizes 100000 1000000` (D = 256, B = 256, "
+        "M = 1000, CPU; medians over the timed steps; every mode of a size runs in one process, "
+        "on the same rows and batches). `build s` is the index build, `table s` the class "
+        "table built from it (label mode: every class's `table_k` = 16 nearest rows).",
+    ]
+    cols = [
+        ("mode", "mode", None),
+        ("median_s", "step ms", _ms),
+        ("vs_random", "vs random", _ratio),
+        ("speedup_vs_full", "speed-up vs full", lambda v: "–" if v is None else f"{v:.0f}×"),
+        ("build_s", "build s", lambda v: "–" if v is None else f"{v:.1f}"),
+        ("table_s", "table s", lambda v: "–" if v is None else f"{v:.1f}"),
+    ]
+    for res in data.get("results", []):
+        modes = res["modes"]
+        rows = [{"mode": m, **v} for m, v in modes.items()]
+        load = res.get("load_start")
+        where = f" (load average at start {load[0]:.1f})" if load else ""
+        lines += ["", f"**N = {res['N']:,}**{where}", "", markdown_table(rows, cols)]
+        lines += ["", *_label_targets(res)]
+    return lines
+
+
+def _label_targets(res: dict[str, Any]) -> list[str]:
+    modes = res["modes"]
+    out = []
+    for mode, entry in modes.items():
+        if mode.startswith("label_"):
+            bound = 1.2
+        elif mode.startswith("feature_"):
+            bound = 2.0
+        else:
+            continue
+        ratio, speedup = entry["vs_random"], entry.get("speedup_vs_full")
+        met = ratio <= bound and (speedup is None or speedup >= 100)
+        full = "" if speedup is None else f", {speedup:.0f}× faster than full (target ≥ 100×)"
+        out.append(
+            f"- {'met' if met else 'MISSED'}: `{mode}` step {ratio:.2f}× random's "
+            f"(target ≤ {bound}×){full}"
+        )
+    return out
+
+
+def stall_section(data: dict[str, Any]) -> list[str]:
+    cols = [
+        ("N", "N", lambda v: f"{v:,}"),
+        ("index", "index", None),
+        ("kind", "job", None),
+        ("mode", "where", None),
+        ("build_s", "build s", lambda v: f"{v:.0f}"),
+        ("base_step_s", "step ms (no build)", _ms),
+        ("median_during_s", "median ms (during)", _ms),
+        ("max_during_s", "longest ms", _ms),
+        ("max_over_median", "longest / median", lambda v: f"{v:.1f}"),
+    ]
+    loads = [r.get("loadavg_before", [None])[0] for r in data.get("runs", [])]
+    load = ", ".join(f"{v:.1f}" for v in loads if v is not None)
+    return [
+        f"Command: `{data.get('command', 'python -m bench.build_stall')}` (D = 256, B = 256, "
+        "M = 1000, `torch_threads=1`, one build thread; `longest / median` is the longest step "
+        "while the build ran over the median step without a build; target ≤ 2). The runs "
+        f"shared the 2 cores with other jobs (load averages {load}): a descheduled step "
+        "makes `longest` a measure of the machine as much as of the build.",
+        "",
+        markdown_table(data.get("rows", []), cols),
+    ]
+
+
+def scale_section(data: dict[str, Any]) -> list[str]:
+    meta = data.get("meta", {})
+    lines = [
+        f"Command: `{meta.get('command', 'python -m bench.index_scale')}` "
+        f"(N = {meta.get('n', 0):,}, D = {meta.get('d')}, B = {meta.get('batch')}, "
+        f"M = {meta.get('num')}; W and momentum offloaded to host memory: "
+        f"{meta.get('state_bytes', 0) / GIB:.2f} GiB).",
+        "",
+    ]
+    rows = []
+    for r in data.get("results", []):
+        rows.append(
+            {
+                "index": r["index"],
+                "build": "–" if "build_s" not in r else f"{r['build_s']:.0f} s",
+                "resident": "–"
+                if "resident_bytes" not in r
+                else f"{r['resident_bytes'] / GIB:.2f} GiB",
+                "query": "–" if "query_s" not in r else f"{1000 * r['query_s']:.0f} ms",
+                "recall": "–" if "recall" not in r else f"{r['recall']:.2f} @ k={r.get('k')}",
+                "step": "–" if "step_s" not in r else f"{1000 * r['step_s']:.0f} ms",
+                "vs_random": "–" if "vs_random" not in r else f"{r['vs_random']:.2f}×",
+                "note": r.get("skipped", ""),
+            }
+        )
+    cols = [(k, k.replace("_", " "), None) for k in rows[0]] if rows else []
+    return [*lines, markdown_table(rows, cols)] if rows else lines
+
+
+def _plot(label: dict[str, Any] | None, stall: dict[str, Any] | None) -> str | None:
+    if not label and not stall:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for res in (label or {}).get("results", []):
+        names = [m for m in res["modes"] if m != "full"]
+        axes[0].plot(
+            names, [res["modes"][m]["vs_random"] for m in names], "o-", label=f"N = {res['N']:,}"
+        )
+    axes[0].axhline(1.2, ls="--", c="gray", lw=1)
+    axes[0].axhline(2.0, ls=":", c="gray", lw=1)
+    axes[0].set(ylabel="step time / random's", title="selection cost (label ≤ 1.2, feature ≤ 2)")
+    axes[0].tick_params(axis="x", rotation=20)
+    if (label or {}).get("results"):
+        axes[0].legend(fontsize=8)
+    for r in (stall or {}).get("rows", []):
+        tag = f"{r['index']} {r['kind']} {r['mode']}"
+        axes[1].scatter(r["N"], r["max_over_median"], label=tag)
+    axes[1].axhline(2.0, ls="--", c="gray", lw=1)
+    axes[1].set(xscale="log", yscale="log", xlabel="N", ylabel="longest step / median step")
+    axes[1].set_title("steps while a build runs (target ≤ 2)")
+    if (stall or {}).get("rows"):
+        axes[1].legend(fontsize=7)
+    save_figure(fig, "selection", OUT_DIR)
+    return "selection.png"
+
+
+def render() -> str | None:
+    """The section's markdown (plot links relative to docs/), or None without any results."""
+    label, stall = _load("label_speed"), _load("build_stall")
+    scale, acc = _load("index_scale"), _load("accuracy_label")
+    if not any((label, stall, scale, acc)):
+        return None
+    parts: list[str] = []
+    notes = OUT_DIR / "selection_notes.md"  # hand-written analysis beside the numbers
+    if notes.exists():
+        parts += [notes.read_text().rstrip(), ""]
+    if label:
+        parts += ["### Step time by selection mode (`bench/label_speed.py`)", ""]
+        parts += label_speed_section(label) + [""]
+    if acc and acc.get("markdown"):
+        parts += ["### Label vs feature selection: accuracy (`bench/accuracy.py`)", ""]
+        parts += [acc["markdown"], ""]
+    if stall:
+        parts += ["### Steps during an index build (`bench/build_stall.py`)", ""]
+        parts += stall_section(stall) + [""]
+    if scale:
+        parts += ["### 10^7 classes in host RAM (`bench/index_scale.py`)", ""]
+        parts += scale_section(scale) + [""]
+    plot = _plot(label, stall)
+    if plot:
+        parts += [f"![selection cost](bench/{plot})"]
+    return "\n".join(parts).rstrip()
+
+
+def main() -> None:
+    text = render()
+    out = OUT_DIR / "selection.md"
+    out.write_text((text or "No selection benchmarks yet.") + "\n")
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
