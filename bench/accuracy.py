@@ -46,7 +46,7 @@ log = logging.getLogger("bench.accuracy")
 
 FRACTIONS = (0.005, 0.01, 0.05)
 SAMPLERS = ("full", "random", "annoy", "hnsw")
-CHOICES = (*SAMPLERS, "exact")
+CHOICES = (*SAMPLERS, "exact", "auto")
 
 
 @dataclass
@@ -67,6 +67,7 @@ class TaskConfig:
     scale: float = 30.0
     margin: float = 0.2
     seed: int = 0
+    query: str = "feature"  # index samplers: feature (per-feature query) | label (class table)
 
 
 @dataclass
@@ -118,6 +119,8 @@ def train_one(task: Task, sampler_name: str, fraction: float | None) -> RunResul
     knobs: dict[str, Any] = {"n_jobs": 1} if sampler_name == "annoy" else {}
     if sampler_name == "hnsw":
         knobs = {"num_threads": 1, "m": 8, "ef_construction": 40}
+    if sampler_name not in ("full", "random"):
+        knobs["query"] = cfg.query
     sampler = build_sampler(sampler_config(sampler_name, num, **knobs), n, head.metric, cfg.seed)
     kind = DenseClassifier if sampler.dense else SampledClassifier
     clf = kind(n, cfg.dim, head, sampler, seed=cfg.seed)
@@ -218,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--scale", type=float)
     p.add_argument("--margin", type=float)
     p.add_argument("--threads", type=int)
+    p.add_argument("--query", choices=["feature", "label"], help="index samplers' selection")
     p.add_argument("--out", default="accuracy")
     args = p.parse_args(argv)
     setup_run(args.threads)
@@ -235,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         interval=args.interval,
         scale=args.scale,
         margin=args.margin,
+        query=args.query,
     )
     write_json(args.out, data)
     print(render(data))

@@ -4,7 +4,10 @@ One step = select + forward/backward of the head + sparse update (``SampledClass
 features (B, D) near their classes' rows, labels uniform. Modes: ``random``; ``feature``
 (the paper's per-feature query, annoy; exact too where N x D is small); ``label`` (the
 class-neighbour table, a lookup); ``full`` (dense logits over all N, SGD on W). The index
-and table builds are timed separately (``build_s``, ``table_s``).
+and table builds are timed separately (``build_s``, ``table_s``); the sampled modes take
+turns step by step, so a swing in a shared machine's load hits them alike. ``table_paths`` times the
+table's query over the first ``--table-rows`` rows by vector (the old way) and by the
+sampler's ``query_rows`` (annoy: by item id over the build threads).
 
     nice python -m bench.label_speed --sizes 100000 1000000 --steps 20
 
@@ -25,11 +28,13 @@ import torch
 from bench.common import (
     family_rows,
     features_near,
+    loadavg,
     machine_info,
     sampler_config,
     setup_run,
     write_json,
 )
+from hf_softmax.class_table import TABLE_BATCH
 from hf_softmax.classifier import SampledClassifier
 from hf_softmax.heads import LinearHead
 from hf_softmax.samplers import build_sampler
@@ -47,18 +52,22 @@ def batches(rows: np.ndarray, b: int, steps: int, seed: int = 0) -> list[tuple[A
     return out
 
 
-def sampled_steps(rows: np.ndarray, sampler: Any, data: list) -> list[float]:
-    clf = SampledClassifier(rows.shape[0], rows.shape[1], LinearHead(), sampler,
-                            weight=torch.from_numpy(rows.copy()), prefetch=False)  # fmt: skip
-    times = []
+def sampled_steps(rows: np.ndarray, samplers: dict[str, Any], data: list) -> dict[str, list]:
+    """Step times of each sampler's ``SampledClassifier`` (own copy of the rows), the modes
+    taking turns step by step so that a swing in the machine's load hits them alike."""
+    clfs = {mode: SampledClassifier(rows.shape[0], rows.shape[1], LinearHead(), sampler,
+                                    weight=torch.from_numpy(rows.copy()), prefetch=False)
+            for mode, sampler in samplers.items()}  # fmt: skip
+    times: dict[str, list[float]] = {mode: [] for mode in clfs}
     for feats, labels in data:
-        t0 = time.perf_counter()
-        f = feats.clone().requires_grad_(True)
-        out = clf(f, labels)
-        out.loss.backward()
-        clf.step(out, 0.1)
-        times.append(time.perf_counter() - t0)
-    return times[2:]  # warm-up
+        for mode, clf in clfs.items():
+            t0 = time.perf_counter()
+            f = feats.clone().requires_grad_(True)
+            out = clf(f, labels)
+            out.loss.backward()
+            clf.step(out, 0.1)
+            times[mode].append(time.perf_counter() - t0)
+    return {mode: t[2:] for mode, t in times.items()}  # warm-up
 
 
 def full_steps(rows: np.ndarray, data: list) -> list[float]:
@@ -87,26 +96,52 @@ def built(name: str, rows: np.ndarray, m: int, query: str, **knobs: Any) -> tupl
     return sampler, {"build_s": t1 - t0, "table_s": (t2 - t1) if table is not None else None}
 
 
-def run_size(n: int, d: int, b: int, m: int, steps: int, full_max: int, exact_max: int) -> dict:
+def table_paths(sampler: Any, index: Any, rows: np.ndarray, q: int) -> dict[str, Any]:
+    """The table's query over the first ``q`` rows two ways: by vector (the reference: each
+    row's vector through ``query_index``) and the build's own path (``query_rows``)."""
+    ids, k = np.arange(min(q, rows.shape[0])), sampler.table_k + 1
+    t0 = time.perf_counter()
+    ref = [sampler.query_index(index, rows[ids[s : s + TABLE_BATCH]], k)
+           for s in range(0, len(ids), TABLE_BATCH)]  # fmt: skip
+    t1 = time.perf_counter()
+    new = [sampler.query_rows(index, rows, ids[s : s + TABLE_BATCH], k)
+           for s in range(0, len(ids), TABLE_BATCH)]  # fmt: skip
+    t2 = time.perf_counter()
+    same = float((np.concatenate(ref) == np.concatenate(new)).mean())
+    return {"rows": len(ids), "by_vector_s": t1 - t0, "query_rows_s": t2 - t1,
+            "speedup": (t1 - t0) / (t2 - t1), "same_ids": same}  # fmt: skip
+
+
+def run_size(
+    n: int, d: int, b: int, m: int, steps: int, full_max: int, exact_max: int, table_rows: int
+) -> dict:
     rows = family_rows(n, d)
     data = batches(rows, b, steps)
-    res: dict[str, Any] = {"N": n, "D": d, "B": b, "M": m, "modes": {}}
+    res: dict[str, Any] = {"N": n, "D": d, "B": b, "M": m, "modes": {}, "load_start": loadavg()}
 
     def record(mode: str, times: list[float], **extra: Any) -> None:
         res["modes"][mode] = {"median_s": statistics.median(times), "steps": len(times), **extra}
         log.info("N=%d %s: %.4fs/step %s", n, mode, statistics.median(times), extra)
 
-    record("random", sampled_steps(rows, build_sampler(sampler_config("random", m), n, "ip"), data))
+    samplers: dict[str, Any] = {"random": build_sampler(sampler_config("random", m), n, "ip")}
+    costs: dict[str, dict] = {"random": {}}
     kinds = ["annoy"] + (["exact"] if n * d <= exact_max else [])
     for kind in kinds:
         knobs = {"ntrees": 10, "n_jobs": 2} if kind == "annoy" else {}
         sampler, cost = built(kind, rows, m, "label", **knobs)
-        record(f"label_{kind}", sampled_steps(rows, sampler, data), **cost)
-        sampler.query_mode = "feature"  # the same index, queried per feature
-        record(f"feature_{kind}", sampled_steps(rows, sampler, data), build_s=cost["build_s"])
-        del sampler
+        if kind == "annoy":
+            res["table_paths"] = table_paths(sampler, sampler.index, rows, table_rows)
+            log.info("N=%d table query paths: %s", n, res["table_paths"])
+        feature = build_sampler(sampler_config(kind, m, random_fraction=0.0, **knobs), n, "ip")
+        feature.swap(sampler.index)  # the same index, queried per feature
+        samplers[f"label_{kind}"], samplers[f"feature_{kind}"] = sampler, feature
+        costs[f"label_{kind}"], costs[f"feature_{kind}"] = cost, {"build_s": cost["build_s"]}
+    for mode, times in sampled_steps(rows, samplers, data).items():
+        record(mode, times, **costs[mode])
+    del samplers
     if n <= full_max:
         record("full", full_steps(rows, data[: max(3, steps // 5)]))
+    res["load_end"] = loadavg()
     base = res["modes"]["random"]["median_s"]
     full = res["modes"].get("full", {}).get("median_s")
     for entry in res["modes"].values():
@@ -124,12 +159,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--full-max", type=int, default=1_000_000, help="largest N timed dense")
     ap.add_argument("--exact-max", type=int, default=30_000_000, help="largest N x D for exact")
+    ap.add_argument("--table-rows", type=int, default=20_000, help="rows timed both table ways")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--name", default="label_speed")
     args = ap.parse_args()
     setup_run(args.threads)
     results = [run_size(n, args.dim, args.batch, args.num, args.steps, args.full_max,
-                        args.exact_max) for n in args.sizes]  # fmt: skip
+                        args.exact_max, args.table_rows) for n in args.sizes]  # fmt: skip
     path = write_json(args.name, {"machine": machine_info(), "args": vars(args),
                                   "results": results})  # fmt: skip
     log.info("wrote %s", path)

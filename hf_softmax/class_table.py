@@ -7,6 +7,11 @@ positives plus the union of their table rows, rank-major (rank 0 of every positi
 deduplicated, positives removed, trimmed: a lookup of O(B * K), no index query in the step.
 It needs only the labels, so the step can be selected ahead (``classifier.prefetch``).
 
+The table asks the index about its own rows (``Sampler.query_rows``): annoy by item id
+(``get_nns_by_item``, no vector conversion, GIL released) over the build threads; hnsw and
+exact by the rows' vectors, batched (hnsw's C++ threads; exact's chunked matmul, its batch
+capped so one chunk of scores stays ~256 MB).
+
 ``table_recall`` measures a table against exact top-K over the current rows: the recall
 probe of label mode (it sees both the index's misses and the rows' drift since the build).
 """
@@ -44,23 +49,22 @@ def drop_self(ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def neighbour_table(
-    query: Callable[[np.ndarray, int], np.ndarray],
-    weights: np.ndarray,
+    query_rows: Callable[[np.ndarray, int], np.ndarray],
+    n: int,
     k: int,
     batch: int = TABLE_BATCH,
 ) -> np.ndarray:
-    """weights (N, D) -> (N, k) int32: each row's k nearest other rows by ``query``
-    (features (b, D), k -> (b, k) ids, nearest first, -1 padded), rows queried ``batch`` at
-    a time."""
-    n = weights.shape[0]
+    """-> (n, k) int32: each of the n rows' k nearest other rows by ``query_rows`` (row ids
+    (b,), k -> (b, k) ids, nearest first, -1 padded: the index's neighbours of its own rows),
+    rows queried ``batch`` at a time."""
     k = max(0, min(int(k), n - 1))
     out = np.full((n, k), -1, dtype=np.int32)
     if k == 0:
         return out
     for start in range(0, n, batch):
-        rows = np.ascontiguousarray(weights[start : start + batch], dtype=np.float32)
-        ids = np.asarray(query(rows, k + 1), dtype=np.int64)
-        out[start : start + rows.shape[0]] = drop_self(ids, np.arange(start, start + len(rows)))
+        rows = np.arange(start, min(n, start + batch), dtype=np.int64)
+        ids = np.asarray(query_rows(rows, k + 1), dtype=np.int64)
+        out[start : start + len(rows)] = drop_self(ids, rows)
     return out
 
 

@@ -93,6 +93,23 @@ def test_ann_table_recall_against_exact(name, floor):
     assert not (table == np.arange(600)[:, None]).any()  # no class is its own neighbour
 
 
+@pytest.mark.parametrize(
+    "name,knobs",
+    [("annoy", {"n_jobs": 1}), ("annoy", {"n_jobs": 3}), ("auto", {"exact_max_elements": 1}),
+     ("hnsw", {}), ("exact", {"chunk_size": 100})],
+)  # fmt: skip
+def test_table_equals_the_by_vector_reference(name, knobs):
+    """The table's fast paths (annoy by item id over threads, auto's delegation, exact's
+    capped batches) give what asking the index with each row's vector gives."""
+    rows = clustered(n=700)
+    sampler = make(name, 700, 50, table_k=7, **knobs)
+    index = sampler.build_index(rows)
+    table = sampler.build_table(index, rows)
+    ref = drop_self(sampler.query_index(index, rows, 8), np.arange(700))
+    assert table.dtype == np.int32 and table.shape == (700, 7)
+    assert (table == ref).all()
+
+
 @pytest.mark.parametrize("name", INDEX_SAMPLERS)
 def test_label_select_equals_the_reference(name):
     rows = clustered()

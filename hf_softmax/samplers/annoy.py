@@ -7,7 +7,9 @@ cores). Metric: "ip" -> Annoy ``dot``; "cosine" -> ``angular``.
 
 Cost: build O(ntrees * N log N * D), ~45 s for 10 trees over 10^6 x 256 on 2 cores; query
 per sample O(search_k * D) in C++ (``get_nns_by_vector``, which releases the GIL, so the
-batch is split over ``query_threads`` threads). Rows are added in chunks so that a
+batch is split over ``query_threads`` threads). The label-mode table asks for each row's
+neighbours by item id (``get_nns_by_item``: no list conversion, GIL released) over ``n_jobs``
+threads, the build's own. Rows are added in chunks so that a
 background build never holds the GIL for long (a training step in the main thread would
 wait on it).
 Annoy indexes are immutable after ``build``: every rebuild builds a new object from a
@@ -30,10 +32,14 @@ _ADD_CHUNK = 4096  # rows converted per tolist(): ~1 ms of GIL at D = 256
 _POOLS: dict[int, ThreadPoolExecutor] = {}  # shared query pools, by size (never pickled)
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
-    if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="annoy-query")
-    return _POOLS[threads]
+_TABLE_POOLS: dict[int, ThreadPoolExecutor] = {}  # table builds: never queue behind a step
+
+
+def _pool(threads: int, pools: dict[int, ThreadPoolExecutor] = _POOLS) -> ThreadPoolExecutor:
+    if threads not in pools:
+        name = "annoy-table" if pools is _TABLE_POOLS else "annoy-query"
+        pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix=name)
+    return pools[threads]
 
 
 class AnnoySampler(Sampler):
@@ -103,6 +109,32 @@ class AnnoySampler(Sampler):
         parts = [feats[i : i + step] for i in range(0, len(feats), step)]
         futures = [_pool(threads).submit(run, part) for part in parts[1:]]
         rows = run(parts[0])  # this thread takes a share too
+        for future in futures:
+            rows += future.result()
+        return pad_ids(rows, k)
+
+    def query_rows(
+        self, index: AnnoyIndex | None, weights: np.ndarray, ids: np.ndarray, k: int
+    ) -> np.ndarray:
+        """The k nearest items of ``index`` to its own items ``ids`` (b,) -> (b, k), -1
+        padded; ``n_jobs`` threads share them (the table build's cores)."""
+        if index is None:
+            raise RuntimeError("sampler 'annoy': table query before the first build")
+        get = index.get_nns_by_item
+        items = [int(i) for i in ids]
+        search_k = self.search_k
+
+        def run(part: list[int]) -> list[list[int]]:
+            return [get(i, k, search_k) for i in part]
+
+        cores = self.n_jobs if self.n_jobs > 0 else (os.cpu_count() or 1)
+        threads = min(cores, max(1, len(items) // 64))
+        if threads == 1:
+            return pad_ids(run(items), k)
+        step = -(-len(items) // threads)
+        parts = [items[i : i + step] for i in range(0, len(items), step)]
+        futures = [_pool(threads, _TABLE_POOLS).submit(run, part) for part in parts[1:]]
+        rows = run(parts[0])
         for future in futures:
             rows += future.result()
         return pad_ids(rows, k)

@@ -87,6 +87,15 @@ class AutoSampler(Sampler):
             raise RuntimeError("sampler 'auto': query before the first build")
         return self.backend.query_index(index, features, k)
 
+    @property
+    def table_batch(self) -> int:
+        return super().table_batch if self.backend is None else self.backend.table_batch
+
+    def query_rows(self, index: Any, weights: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+        if self.backend is None:
+            raise RuntimeError("sampler 'auto': table query before the first build")
+        return self.backend.query_rows(index, weights, ids, k)
+
     # target_recall tunes the backend's query effort; exact has none (always perfect)
     @property
     def effort(self) -> int | None:

@@ -23,7 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_softmax.class_table import check_label_knobs, neighbour_table, table_candidates
+from hf_softmax.class_table import (
+    TABLE_BATCH,
+    check_label_knobs,
+    neighbour_table,
+    table_candidates,
+)
 from hf_softmax.samplers.active_set import (
     ActiveSet,
     logq_adjust,
@@ -190,7 +195,23 @@ class Sampler:
         ``weights`` (N, D); None in feature mode. Pure, like ``build_index``."""
         if self.query_mode != "label" or index is None:
             return None
-        return neighbour_table(lambda f, k: self.query_index(index, f, k), weights, self.table_k)
+        weights = np.asarray(weights)
+
+        def rows(ids: np.ndarray, k: int) -> np.ndarray:
+            return self.query_rows(index, weights, ids, k)
+
+        return neighbour_table(rows, weights.shape[0], self.table_k, self.table_batch)
+
+    @property
+    def table_batch(self) -> int:
+        """Rows queried per call while building the table."""
+        return TABLE_BATCH
+
+    def query_rows(self, index: Any, weights: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+        """The k nearest rows of ``index`` (built over ``weights`` (N, D)) to its own rows
+        ``ids`` (b,) -> (b, k) int64, -1 padded. By vector here; a backend that can query by
+        item id overrides it."""
+        return self.query_index(index, np.ascontiguousarray(weights[ids], np.float32), k)
 
     def query_index(self, index: Any, features: np.ndarray, k: int) -> np.ndarray:
         """``query`` against a given ``index`` (not necessarily the serving one)."""

@@ -13,7 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hf_softmax.class_table import TABLE_BATCH
 from hf_softmax.samplers.base import Sampler
+
+TABLE_SCORES = 1 << 26  # float32 scores per table query chunk (256 MB)
 
 
 def _as_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -95,6 +98,12 @@ class ExactSampler(Sampler):
 
     def query(self, features: np.ndarray, k: int) -> np.ndarray:
         return self.query_index(self._index, features, k)
+
+    @property
+    def table_batch(self) -> int:
+        """Table rows per call: one chunk of scores (batch, chunk_size) stays ~256 MB."""
+        chunk = min(self.chunk_size, self.num_classes)
+        return max(64, min(TABLE_BATCH, TABLE_SCORES // max(chunk, 1)))
 
     def query_index(self, index: torch.Tensor | None, features: np.ndarray, k: int) -> np.ndarray:
         """features (B, D) -> (B, k) ids of the best rows of ``index`` (from ``build_index``)."""
