@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import time
 from typing import Any
 
-import numpy as np
-import torch
+# Before torch loads OpenMP (see bench.head_speed): idle OpenMP threads must not spin on a
+# shared machine, or every mode's step measures the spinning.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from bench.common import (
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.common import (  # noqa: E402
     family_rows,
     features_near,
     loadavg,

@@ -87,6 +87,37 @@ def _label_targets(res: dict[str, Any]) -> list[str]:
     return out
 
 
+def accuracy_section(feature: dict[str, Any], label: dict[str, Any]) -> list[str]:
+    """Final top-1 per (M/N, sampler, query) of two bench.accuracy runs, vs random."""
+    cells: dict[float, dict[str, float]] = {}
+    for data, query in ((feature, "feature"), (label, "label")):
+        for r in data.get("results", []):
+            name = "random" if r["sampler"] == "random" else f"{r['sampler']} {query}"
+            cells.setdefault(r["fraction"], {})[name] = r["top1"]
+    names = ["random"] + sorted({n for c in cells.values() for n in c} - {"random"})
+    rows = []
+    for fraction in sorted(cells):
+        base = cells[fraction].get("random")
+        row: dict[str, Any] = {"M/N": f"{100 * fraction:g}%"}
+        for n in names:
+            v = cells[fraction].get(n)
+            delta = (
+                "" if v is None or base is None or n == "random" else f" ({100 * (v - base):+.1f})"
+            )
+            row[n] = "–" if v is None else f"{100 * v:.1f}{delta}"
+        rows.append(row)
+    meta = label.get("meta", {})
+    return [
+        "Commands: `python -m bench.accuracy --quick --samplers random auto annoy --fractions "
+        "0.01 0.02 --threads 1 --query feature --out accuracy_label_feature`, then `--samplers "
+        "auto annoy --query label --out accuracy_label` (the synthetic hard-negative task, "
+        f"N = {meta.get('num_classes', '10^4')}, the same steps and data order for every run, "
+        "one seed; top-1 %, in brackets points over random; `auto` chose its exact backend).",
+        "",
+        markdown_table(rows, [(k, k, None) for k in rows[0]]) if rows else "",
+    ]
+
+
 def stall_section(data: dict[str, Any]) -> list[str]:
     cols = [
         ("N", "N", lambda v: f"{v:,}"),
@@ -182,9 +213,10 @@ def render() -> str | None:
     if label:
         parts += ["### Step time by selection mode (`bench/label_speed.py`)", ""]
         parts += label_speed_section(label) + [""]
-    if acc and acc.get("markdown"):
+    feature = _load("accuracy_label_feature")
+    if acc and feature:
         parts += ["### Label vs feature selection: accuracy (`bench/accuracy.py`)", ""]
-        parts += [acc["markdown"], ""]
+        parts += accuracy_section(feature, acc) + [""]
     if stall:
         parts += ["### Steps during an index build (`bench/build_stall.py`)", ""]
         parts += stall_section(stall) + [""]
