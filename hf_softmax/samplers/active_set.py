@@ -111,3 +111,34 @@ def logq_adjust(num_classes: int, num_chosen: int, num_fill: int) -> torch.Tenso
     adjust = torch.zeros(num_chosen + num_fill, dtype=torch.float32)
     adjust[num_chosen:] = math.log((num_classes - num_chosen) / num_fill)
     return adjust
+
+
+CORRECTIONS = ("none", "logq")
+
+
+def check_selection_knobs(
+    name: str, random_fraction: float, index_after: int, correction: str
+) -> tuple[float, int, str]:
+    """The selection knobs every sampler takes, checked -> (random_fraction, index_after,
+    correction).
+
+    random_fraction: share of the M - |P| negatives drawn uniformly at random even when the
+    index serves (0: all from the index, 1: like ``random``).
+    index_after: selects made like ``random`` before the index is used (its rows are still
+    noise early in training).
+    correction: ``"logq"`` adds log(n_rest / n_uniform) to the logits of the uniformly drawn
+    negatives, so that they stand for all the classes neither positive nor taken from the
+    index and the sampled softmax estimates the full one; ``"none"``: plain softmax over the
+    M active classes.
+    """
+    if not 0.0 <= float(random_fraction) <= 1.0:
+        raise ValueError(
+            f"sampler {name!r}: random_fraction must be in [0, 1], got {random_fraction}"
+        )
+    if int(index_after) < 0:
+        raise ValueError(f"sampler {name!r}: index_after must be >= 0, got {index_after}")
+    if correction not in CORRECTIONS:
+        raise ValueError(
+            f"sampler {name!r}: correction must be one of {CORRECTIONS}, got {correction!r}"
+        )
+    return float(random_fraction), int(index_after), str(correction)

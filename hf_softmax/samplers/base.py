@@ -31,6 +31,7 @@ from hf_softmax.class_table import (
 )
 from hf_softmax.samplers.active_set import (
     ActiveSet,
+    check_selection_knobs,
     logq_adjust,
     positives_of,
     rank_major_candidates,
@@ -40,7 +41,6 @@ from hf_softmax.samplers.active_set import (
 log = logging.getLogger(__name__)
 
 METRICS = ("ip", "cosine")
-CORRECTIONS = ("none", "logq")
 
 
 class Sampler:
@@ -48,8 +48,8 @@ class Sampler:
 
     num_classes: N; num: M (active classes per step); metric: "ip" | "cosine" (must match the
     head); seed: seeds the torch generator used for the random fill; random_fraction,
-    index_after, correction: the selection knobs (``configure``). query: "feature" (each
-    feature's nearest rows, queried per step) or "label" (the positives' rows of the
+    index_after, correction: the selection knobs (``active_set.check_selection_knobs``).
+    query: "feature" (each feature's nearest rows, queried per step) or "label" (the positives' rows of the
     class-neighbour table, K = ``table_k`` per class, built with the index). Subclasses take
     their own knobs and pass ``**selection`` on, so ``conf/sampler/<name>.yaml``
     (``_partial_: true``) holds M, the selection knobs and the kind's knobs; N, the metric
@@ -59,8 +59,8 @@ class Sampler:
     name: str = "base"
     dense: bool = False
     needs_index: bool = False
-    # Selection knobs shared by every sampler (``configure``): the share of the negatives
-    # drawn uniformly even when an index serves, the number of selects made at random before
+    # Selection knobs shared by every sampler (``check_selection_knobs``): the share of the
+    # negatives drawn uniformly even when an index serves, the number of selects made at random before
     # the index is used, and the sampling correction of the loss.
     random_fraction: float = 0.0
     index_after: int = 0
@@ -103,37 +103,10 @@ class Sampler:
         self.num_selects = 0
         self.num_fallbacks = 0
         self.num_swaps = 0
-        self.configure(random_fraction, index_after, correction)
-
-    def configure(
-        self, random_fraction: float = 0.0, index_after: int = 0, correction: str = "none"
-    ) -> Sampler:
-        """Set the selection knobs (see the class attributes); returns self.
-
-        random_fraction: share of the M - |P| negatives drawn uniformly at random even when
-        the index serves (0: all from the index, 1: like ``random``).
-        index_after: selects made like ``random`` before the index is used (its rows are
-        still noise early in training).
-        correction: ``"logq"`` adds log(n_rest / n_uniform) to the logits of the uniformly
-        drawn negatives, so that they stand for all the classes neither positive nor taken
-        from the index and the sampled softmax estimates the full one; ``"none"``: plain
-        softmax over the M active classes.
-        """
-        if not 0.0 <= float(random_fraction) <= 1.0:
-            raise ValueError(
-                f"sampler {self.name!r}: random_fraction must be in [0, 1], got {random_fraction}"
-            )
-        if int(index_after) < 0:
-            raise ValueError(f"sampler {self.name!r}: index_after must be >= 0, got {index_after}")
-        if correction not in CORRECTIONS:
-            raise ValueError(
-                f"sampler {self.name!r}: correction must be one of {CORRECTIONS}, got "
-                f"{correction!r}"
-            )
-        self.random_fraction = float(random_fraction)
-        self.index_after = int(index_after)
-        self.correction = str(correction)
-        return self
+        # selection knobs (see the class attributes and ``active_set.check_selection_knobs``)
+        self.random_fraction, self.index_after, self.correction = check_selection_knobs(
+            self.name, random_fraction, index_after, correction
+        )
 
     # -- query effort (sampler.target_recall, hf_softmax/recall_target.py) ------------------
     @property
