@@ -49,8 +49,8 @@ class Sampler:
     num_classes: N; num: M (active classes per step); metric: "ip" | "cosine" (must match the
     head); seed: seeds the torch generator used for the random fill; random_fraction,
     index_after, correction: the selection knobs (``active_set.check_selection_knobs``).
-    query: "feature" (each feature's nearest rows, queried per step) or "label" (the positives' rows of the
-    class-neighbour table, K = ``table_k`` per class, built with the index). Subclasses take
+    query: "feature" (each feature's nearest rows, queried per step) or "label" (the
+    positives' rows of the class-neighbour table, K = ``table_k`` per class, built with the index). Subclasses take
     their own knobs and pass ``**selection`` on, so ``conf/sampler/<name>.yaml``
     (``_partial_: true``) holds M, the selection knobs and the kind's knobs; N, the metric
     and the seed are given when the data is known.
@@ -60,8 +60,8 @@ class Sampler:
     dense: bool = False
     needs_index: bool = False
     # Selection knobs shared by every sampler (``check_selection_knobs``): the share of the
-    # negatives drawn uniformly even when an index serves, the number of selects made at random before
-    # the index is used, and the sampling correction of the loss.
+    # negatives drawn uniformly even when an index serves, the number of selects made at
+    # random before the index is used, and the sampling correction of the loss.
     random_fraction: float = 0.0
     index_after: int = 0
     correction: str = "none"
