@@ -51,9 +51,9 @@ class Sampler:
     index_after, correction: the selection knobs (``active_set.check_selection_knobs``).
     query: "feature" (each feature's nearest rows, queried per step) or "label" (the
     positives' rows of the class-neighbour table, K = ``table_k`` per class, built with the
-    index). Subclasses take their own knobs and pass ``**selection`` on, so ``conf/sampler/<name>.yaml``
-    (``_partial_: true``) holds M, the selection knobs and the kind's knobs; N, the metric
-    and the seed are given when the data is known.
+    index). Subclasses take their own knobs and pass ``**selection`` on, so
+    ``conf/sampler/<name>.yaml`` (``_partial_: true``) holds M, the selection knobs and the
+    kind's knobs; N, the metric and the seed are given when the data is known.
     """
 
     name: str = "base"
