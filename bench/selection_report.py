@@ -132,15 +132,17 @@ def stall_section(data: dict[str, Any]) -> list[str]:
         ("median_during_s", "median ms (during)", _ms),
         ("max_during_s", "longest ms", _ms),
         ("max_over_median", "longest / median", lambda v: f"{v:.1f}"),
+        ("machine", "machine", None),
     ]
     loads = [r.get("loadavg_before", [None])[0] for r in data.get("runs", [])]
     load = ", ".join(f"{v:.1f}" for v in loads if v is not None)
     return [
         f"Command: `{data.get('command', 'python -m bench.build_stall')}` (D = 256, B = 256, "
         "M = 1000, `torch_threads=1`, one build thread; `longest / median` is the longest step "
-        "while the build ran over the median step without a build; target ≤ 2). The runs "
+        "while the build ran over the median step without a build; target ≤ 2). Most runs "
         f"shared the 2 cores with other jobs (load averages {load}): a descheduled step "
-        "makes `longest` a measure of the machine as much as of the build.",
+        "makes `longest` a measure of the machine as much as of the build; the `quieter` rows "
+        "ran beside one training job only.",
         "",
         markdown_table(data.get("rows", []), cols),
     ]
