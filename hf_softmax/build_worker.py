@@ -263,17 +263,10 @@ class BuildWorker:
 
     def run(self, job: Any, classifier: Any, changed: np.ndarray) -> None:
         """Fill ``job`` (a ``BuildJob``) from a build of ``classifier``'s current rows."""
-        t0 = time.perf_counter()
-        try:
+        with job.recording():
             job.index, job.kind_done, job.table = self.build(
                 job.kind, classifier.snapshot_weights(), changed
             )
-        except BaseException as e:  # noqa: BLE001 - reported to the training thread
-            job.error = e
-            job.trace = traceback.format_exc()
-        finally:
-            job.seconds = time.perf_counter() - t0
-            job.done.set()
 
     def close(self) -> None:
         self._finalizer()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,11 +35,24 @@ class BuildJob:
     error: BaseException | None = None
     trace: str = ""
 
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Around the work that fills this job: an exception becomes ``error`` (+ ``trace``)
+        for the training thread to report; ``seconds`` and ``done`` are set either way."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        except BaseException as e:  # noqa: BLE001 - reported to the training thread
+            self.error = e
+            self.trace = traceback.format_exc()
+        finally:
+            self.seconds = time.perf_counter() - t0
+            self.done.set()
+
 
 def run_build(job: BuildJob, sampler: Any, weights: Any, changed: np.ndarray) -> None:
     """Build or refresh into ``job``; ``weights``: (N, D) snapshot or a function returning it."""
-    t0 = time.perf_counter()
-    try:
+    with job.recording():
         if callable(weights):
             weights = weights()
         index = None
@@ -49,9 +64,3 @@ def run_build(job: BuildJob, sampler: Any, weights: Any, changed: np.ndarray) ->
             index = sampler.build_index(weights)
         job.table = sampler.build_table(index, weights)  # None in feature mode
         job.index = index
-    except BaseException as e:  # noqa: BLE001 - reported to the training thread
-        job.error = e
-        job.trace = traceback.format_exc()
-    finally:
-        job.seconds = time.perf_counter() - t0
-        job.done.set()
