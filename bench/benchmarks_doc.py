@@ -103,6 +103,9 @@ def write_doc(
     if hangul_md.exists():
         parts += ["", "## Real images: the Hangul benchmark (`python -m bench.hangul run`)", ""]
         parts += [hangul_md.read_text().rstrip()]
+    compare = OUT_DIR / "redesign_compare.md"  # written by hand from two bench.all runs
+    if compare.exists():
+        parts += ["", "## Before and after the redesign (issue 11)", "", compare.read_text()]
     selection = selection_report.render()
     if selection:
         parts += ["", "## Selection off the critical path (issue 14)", "", selection]
