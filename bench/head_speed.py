@@ -1,10 +1,8 @@
 """Time one classifier-head training step: select, gather, forward/backward, update.
 
-Samplers (``bench.head_step``): ``full`` (the dense baseline: nn.Parameter + torch SGD),
-``random``, ``annoy``, ``hnsw``, ``exact``, ``faiss`` (the real samplers behind the real
-``SampledClassifier`` with its sparse update) and ``dense-update`` (not in the default grid:
-random rows, Partial FC v2's dense optimizer step). The step itself lives in
-``bench.head_step``, the report in ``bench.head_speed_report``.
+Samplers: ``full`` (dense baseline), ``random``, ``annoy``, ``hnsw``, ``exact``, ``faiss``
+(real samplers, real ``SampledClassifier``) and ``dense-update`` (random rows with Partial FC
+v2's dense optimizer step). The step: ``bench.head_step``; the report: ``head_speed_report``.
 
 Grid: N in {1e4, 1e5, 1e6} x D in {128, 256, 512}, B = 256, M = 1000; ``--quick`` keeps
 D = 256; ``--large`` adds N = 1e7 at D = 128 with W in host memory (``offload``).
@@ -14,9 +12,7 @@ fresh batch from a small pre-generated pool so data generation is not timed.
     python -m bench.head_speed --quick
     python -m bench.head_speed --n 1000000 --d 256
     python -m bench.head_speed --large --samplers random annoy exact
-    python -m bench.head_speed --n 1000000 --d 256 --samplers random annoy faiss full \
-        --knobs faiss:nprobe=8
-    python -m bench.head_speed --n 1000000 --d 256 --samplers random faiss faiss.hnsw \
+    python -m bench.head_speed --n 1000000 --d 256 --samplers random annoy faiss faiss.hnsw \
         --knobs faiss:nprobe=8 faiss.hnsw:index=hnsw     # one kind twice: labelled variants
 """
 

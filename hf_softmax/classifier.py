@@ -6,17 +6,13 @@ One step, on one process or on every rank of a process group in lockstep::
     out.loss.backward()                  grads of the features and of the leaf rows W[A]
     classifier.step(out, lr)             lazy SGD momentum + wd on the rows A (RowStore.step_)
 
-``forward``: the batch is all-gathered (not on one process); this rank's sampler picks M_r
-(its share of M) of the classes it owns (all N on one process); logits (B, M_r) =
-head(F, W[A_r]); the loss is ``F.cross_entropy`` on one process, else the distributed softmax
-cross-entropy over the union of the ranks' active sets. The returned ``ClassifierOutput``
-holds what the update needs (the leaf rows, their local ids). With ``next_labels`` and a
-label-mode sampler it also selects the next step ahead and stages its rows
-(``hf_softmax.select_ahead``, ``hf_softmax.row_prefetch``).
-
-Under DDP (``shard=True``, R > 1 ranks) each rank owns a block of classes
-(``hf_softmax.shard``), made on first use, after Lightning has set up the process group.
-Checkpoints are consolidated (``hf_softmax.classifier_state``) and resume with any world size.
+``forward``: the sampler picks M active classes; logits (B, M) = head(F, W[A]); loss =
+``F.cross_entropy``; the ``ClassifierOutput`` holds what the update needs (the leaf rows,
+their ids). With ``next_labels`` (label mode) it also selects the next step ahead and stages
+its rows (``select_ahead``, ``row_prefetch``). Under DDP (``shard=True``, R > 1 ranks) each
+rank owns a block of classes (``hf_softmax.shard``, made on first use): the batch is
+all-gathered, each rank picks M_r of its classes and the loss is the distributed softmax
+cross-entropy. Checkpoints are consolidated (``classifier_state``): any world size resumes.
 """
 
 from __future__ import annotations
@@ -62,10 +58,8 @@ class SampledClassifier(nn.Module):
     num: M, active classes per step summed over ranks (default: the sampler's).
     weight: initial W (N, D) float32, used in place (device and pinning kept; sliced under
     DDP); default N(0, ``init_std``) by seeded blocks (``row_store.initial_rows``).
-    prefetch: "auto" | True | False: select the next step ahead and stage its rows
-    (``hf_softmax.select_ahead``; auto: CUDA with offloaded rows).
-    shard: with a factory, split the rows over the ranks of ``group`` when it is initialised
-    with size > 1 (false: every rank keeps all N rows and issues no collective).
+    prefetch: "auto" | True | False: select ahead (``select_ahead``; auto: CUDA + offload).
+    shard: with a factory, split the rows over ``group``'s ranks when it has size > 1.
     """
 
     def __init__(
