@@ -32,15 +32,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from bench import accuracy, head_speed, index_cost  # noqa: E402
 from bench.benchmarks_doc import GPU_JSON, read_notes, write_doc  # noqa: E402
 from bench.common import DOCS, OUT_DIR, machine_info, setup_run, write_json  # noqa: E402
+from bench.output import read_json  # noqa: E402
 
 log = logging.getLogger("bench.all")
 
 SECTIONS = ("data_throughput", "head_speed", "index_cost", "accuracy")
-
-
-def _load(name: str) -> dict[str, Any] | None:
-    path = OUT_DIR / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def run_data_throughput(quick: bool) -> dict[str, Any] | None:
@@ -78,11 +74,11 @@ def main(argv: list[str] | None = None) -> None:
             log.warning("--gpu-results: no %s; the GPU section is left as it was", found)
     command = "python -m bench.all" + ("".join(" " + shlex.quote(a) for a in sys.argv[1:]))
     to_run = [] if args.reuse else list(args.only or SECTIONS)
-    previous = _load("machine")
+    previous = read_json("machine")
     if args.reuse and previous is not None:
         # re-render only: keep the machine, command and sections of the run that measured
         write_doc(
-            {s: _load(s) for s in SECTIONS},
+            {s: read_json(s) for s in SECTIONS},
             previous,
             previous.get("command", command),
             previous.get("sections_run", []),
@@ -91,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         log.info("re-rendered %s from docs/bench/*.json", DOCS / "benchmarks.md")
         return
     info = machine_info()
-    results: dict[str, dict[str, Any] | None] = {s: _load(s) for s in SECTIONS}
+    results: dict[str, dict[str, Any] | None] = {s: read_json(s) for s in SECTIONS}
     t0 = time.perf_counter()
     for section in to_run:
         ts = time.perf_counter()

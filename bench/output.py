@@ -18,6 +18,12 @@ def write_json(name: str, payload: Any, out_dir: Path = OUT_DIR) -> Path:
     return path
 
 
+def read_json(name: str, out_dir: Path = OUT_DIR) -> Any | None:
+    """``<out_dir>/<name>.json`` as ``write_json`` wrote it, or None when it is not there."""
+    path = out_dir / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()

@@ -18,19 +18,13 @@ reads them):
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from bench.formatting import markdown_table
-from bench.output import pyplot, save_figure
+from bench.output import pyplot, read_json, save_figure
 from bench.paths import OUT_DIR
 
 GIB = 2**30
-
-
-def _load(name: str) -> dict[str, Any] | None:
-    path = OUT_DIR / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _ms(v: float | None) -> str:
@@ -207,8 +201,8 @@ def _plot(label: dict[str, Any] | None, stall: dict[str, Any] | None) -> str | N
 
 def render() -> str | None:
     """The section's markdown (plot links relative to docs/), or None without any results."""
-    label, stall = _load("label_speed"), _load("build_stall")
-    scale, acc = _load("index_scale"), _load("accuracy_label")
+    label, stall = read_json("label_speed"), read_json("build_stall")
+    scale, acc = read_json("index_scale"), read_json("accuracy_label")
     if not any((label, stall, scale, acc)):
         return None
     parts: list[str] = []
@@ -218,7 +212,7 @@ def render() -> str | None:
     if label:
         parts += ["### Step time by selection mode (`bench/label_speed.py`)", ""]
         parts += label_speed_section(label) + [""]
-    feature = _load("accuracy_label_feature")
+    feature = read_json("accuracy_label_feature")
     if acc and feature:
         parts += ["### Label vs feature selection: accuracy (`bench/accuracy.py`)", ""]
         parts += accuracy_section(feature, acc) + [""]
