@@ -40,6 +40,7 @@ from hf_softmax.classifier import SampledClassifier  # noqa: E402
 from hf_softmax.dense_classifier import DenseClassifier  # noqa: E402
 from hf_softmax.heads import build_head  # noqa: E402
 from hf_softmax.index_maintainer import IndexMaintainer  # noqa: E402
+from hf_softmax.row_update import auto_row_norm, resolve_row_norm  # noqa: E402
 from hf_softmax.samplers import build_sampler  # noqa: E402
 
 log = logging.getLogger("bench.accuracy")
@@ -68,6 +69,9 @@ class TaskConfig:
     margin: float = 0.2
     seed: int = 0
     query: str = "feature"  # index samplers: feature (per-feature query) | label (class table)
+    # how the sampled rows move (hf_softmax.row_update), as train.py's defaults
+    row_norm: Any = "auto"
+    row_momentum: str = "immediate"
 
 
 @dataclass
@@ -123,7 +127,13 @@ def train_one(task: Task, sampler_name: str, fraction: float | None) -> RunResul
         knobs["query"] = cfg.query
     sampler = build_sampler(sampler_config(sampler_name, num, **knobs), n, head.metric, cfg.seed)
     kind = DenseClassifier if sampler.dense else SampledClassifier
-    clf = kind(n, cfg.dim, head, sampler, seed=cfg.seed)
+    if sampler.dense:  # full: W an nn.Parameter under torch SGD, the reference
+        clf = kind(n, cfg.dim, head, sampler, seed=cfg.seed)
+    else:
+        auto = lambda: auto_row_norm(cfg.scale, cfg.lr, 0.9, cfg.batch)  # noqa: E731
+        clf = kind(n, cfg.dim, head, sampler, seed=cfg.seed, momentum=0.9, weight_decay=5e-4,
+                   row_norm=resolve_row_norm(cfg.row_norm, head.metric, auto),
+                   row_momentum=cfg.row_momentum)  # fmt: skip
     params = list(proj.parameters()) + (list(clf.parameters()) if sampler.dense else [])
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
     # full rebuilds: an hnsw refresh of ~20% of the rows costs more than a build (see the
@@ -222,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--margin", type=float)
     p.add_argument("--threads", type=int)
     p.add_argument("--query", choices=["feature", "label"], help="index samplers' selection")
+    p.add_argument("--row-norm", help="sampled rows' norm: auto (default), null or a number")
+    p.add_argument("--row-momentum", choices=["immediate", "lazy"])
     p.add_argument("--out", default="accuracy")
     args = p.parse_args(argv)
     setup_run(args.threads)
@@ -240,6 +252,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         scale=args.scale,
         margin=args.margin,
         query=args.query,
+        row_norm=args.row_norm,
+        row_momentum=args.row_momentum,
     )
     write_json(args.out, data)
     print(render(data))

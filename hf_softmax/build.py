@@ -30,6 +30,7 @@ from hf_softmax.config_keys import upgrade_config
 from hf_softmax.dense_classifier import DenseClassifier
 from hf_softmax.heads import MarginHead
 from hf_softmax.module import HFSoftmaxModule, resolve_cfg
+from hf_softmax.row_update import auto_row_norm, resolve_row_norm
 from hf_softmax.samplers import Sampler, sampler_class
 
 SamplerPartial = Callable[..., Sampler]  # (num_classes=, metric=, seed=[, num=]) -> Sampler
@@ -57,11 +58,15 @@ def build_classifier(
     optim_cfg: Mapping[str, Any],
     sharded: bool,
     seed: int = 0,
+    batch_size: int | None = None,
 ) -> nn.Module:
     """The classifier over N rows of D, with the sampler the partial builds for the head's
     metric: a ``DenseClassifier`` for a dense sampler (``sampler=full``), else a
     ``SampledClassifier`` whose rows follow the optimizer's momentum and weight decay.
 
+    batch_size: the per-process batch, for ``classifier.row_norm: auto``. A config without
+    ``row_norm`` / ``row_momentum`` (saved before they existed) keeps the rule it was trained
+    with: free rows, lazy momentum.
     sharded: split the rows by class over the DDP ranks; rows and each rank's sampler (over its
     block) are made on first use, once the process group exists. Otherwise they are made now,
     so bad sampler knobs fail at construction.
@@ -86,6 +91,17 @@ def build_classifier(
         weight_decay=float(optim_cfg.get("weight_decay", 0.0)),
         offload=offload,
         prefetch=classifier_cfg.get("prefetch", "auto"),
+        row_norm=resolve_row_norm(
+            classifier_cfg.get("row_norm"),
+            head.metric,
+            lambda: auto_row_norm(
+                float(getattr(head, "scale", 1.0)),
+                float(optim_cfg.get("lr", 0.1)),
+                float(optim_cfg.get("momentum", 0.0)),
+                int(batch_size or 1),
+            ),
+        ),  # fmt: skip
+        row_momentum=str(classifier_cfg.get("row_momentum", "lazy")),
         shard=bool(sharded),
         **common,
     )
@@ -121,6 +137,7 @@ def build_module(cfg: Mapping[str, Any] | DictConfig, num_classes: int) -> HFSof
         plain["optim"],
         use_sharded(plain),
         seed,
+        batch_size=(plain.get("data") or {}).get("batch_size"),
     )
     vcfg = plain.get("validation") or {}
     flip = vcfg.get("flip")  # null: follow the training data (no flips: no flip TTA)

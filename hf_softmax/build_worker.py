@@ -11,9 +11,15 @@ waits (both release the GIL):
    them (annoy ``n_jobs``, hnsw ``num_threads``), and saves the index to a file;
 3. the trainer loads the file: annoy ``load`` mmaps it (no copy, no parse), hnswlib reads
    it (a copy of the graph, made while hnswlib holds the GIL: at 10^6 x 256 a few hundred
-   ms), exact ``np.load``; the maintainer swaps the index in at the next step start. In
-   label mode (``sampler.query=label``) the worker also computes the class-neighbour table
-   from the fresh index and hands it back as ``<index file>.table.npy``.
+   ms), exact ``np.load``; the maintainer swaps the index in at the next step start.
+   In label mode (``sampler.query=label``) the worker computes the class-neighbour table
+   from the fresh index and hands back only the table (``<index file>.table.npy``, mmapped
+   by the trainer): label selection reads nothing else, so the index stays in the worker
+   (``WorkerIndex`` stands for it) and the trainer never loads, holds or frees one. At
+   10^6 classes freeing the previous mmapped annoy index was the longest stall of a
+   feature-mode swap (docs/bench/selection_notes.md); in label mode there is none.
+
+The query effort that ``target_recall`` tunes in the trainer goes with every request.
 
 Split the cores: ``torch_threads`` for the trainer, ``build_threads`` for the worker, e.g.
 ``torch_threads=1 callbacks.index_rebuild.build_threads=1`` on 2 cores. The worker sets its
@@ -36,6 +42,7 @@ import tempfile
 import time
 import traceback
 import weakref
+from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any
@@ -46,6 +53,16 @@ log = logging.getLogger(__name__)
 
 _BUILD_THREAD_KNOBS = ("n_jobs", "num_threads")  # annoy, hnsw
 _POLL_S = 0.2  # how often a waiting trainer thread checks that the worker still lives
+
+
+@dataclass(frozen=True)
+class WorkerIndex:
+    """Label mode, process builds: the index of build ``build`` lives in worker ``pid``,
+    which handed back only its class table; the trainer selects from the table and never
+    queries an index."""
+
+    pid: int | None
+    build: int
 
 
 def sampler_spec(sampler: Any, build_threads: int | None) -> tuple[type, dict[str, Any]]:
@@ -138,10 +155,12 @@ def _serve(conn: Any, cls: type, kwargs: dict[str, Any], threads: int | None) ->
             return
         if msg is None:
             return
-        kind, shm_name, shape, changed, path = msg
+        kind, shm_name, shape, changed, path, effort = msg
         shm = SharedMemory(name=shm_name)
         t0 = time.perf_counter()
         try:
+            if effort is not None:  # target_recall tuned it in the trainer
+                sampler.effort = effort
             weights = np.ndarray(shape, np.float32, buffer=shm.buf)
             index, done = None, "refresh"
             if kind == "refresh" and sampler.has_index:
@@ -152,8 +171,10 @@ def _serve(conn: Any, cls: type, kwargs: dict[str, Any], threads: int | None) ->
             del weights  # no view may outlive the block
             if refreshes:  # kept: the next refresh starts from it
                 sampler.swap(index)
-            saved, info = save_index(index, Path(path))
-            if table is not None:  # handed back next to the index file
+            if table is None:
+                saved, info = save_index(index, Path(path))
+            else:  # label mode: the table alone goes back; the index stays here
+                saved, info = "worker", {}
                 with open(table_path(path), "wb") as fh:
                     np.save(fh, table, allow_pickle=False)
             info["table"] = table is not None
@@ -231,14 +252,19 @@ class BuildWorker:
         try:
             np.copyto(np.ndarray(weights.shape, np.float32, buffer=shm.buf), weights)
             try:
-                self._conn.send((kind, shm.name, weights.shape, np.asarray(changed), str(path)))
+                self._conn.send((kind, shm.name, weights.shape, np.asarray(changed), str(path),
+                                 self.sampler.effort))  # fmt: skip
                 reply = self._wait()
             except (OSError, EOFError) as e:  # the pipe broke: the worker is gone
                 raise self._died() from e
             if reply[0] == "error":
                 raise RuntimeError(f"index build worker (pid {self.pid}) failed:\n{reply[1]}")
             _, done, _seconds, saved, info = reply
-            table = np.load(table_path(path), allow_pickle=False) if info["table"] else None
+            table = None
+            if info["table"]:  # mmapped: no copy now; a step reads B x K entries of it
+                table = np.load(table_path(path), mmap_mode="r", allow_pickle=False)
+            if saved == "worker":
+                return WorkerIndex(self.pid, self._count), done, table
             return load_index(saved, path, info, self.sampler.metric), done, table
         finally:
             shm.close()

@@ -4,7 +4,7 @@ One step, on one process or on every rank of a process group in lockstep::
 
     out = classifier(features, labels)   features (B_r, D), labels (B_r,) this rank's samples
     out.loss.backward()                  grads of the features and of the leaf rows W[A]
-    classifier.step(out, lr)             lazy SGD momentum + wd on the rows A (RowStore.step_)
+    classifier.step(out, lr)             sparse SGD on the rows A (RowStore.step_, row_update)
 
 ``forward``: the sampler picks M active classes; logits (B, M) = head(F, W[A]); loss =
 ``F.cross_entropy``; the ``ClassifierOutput`` holds what the update needs (the leaf rows,
@@ -32,6 +32,7 @@ from hf_softmax.classifier_state import checkpoint_tensors, load_sampler_tensors
 from hf_softmax.heads import MarginHead
 from hf_softmax.output import ClassifierOutput
 from hf_softmax.row_store import RowStore
+from hf_softmax.row_update import check_row_momentum, resolve_row_norm
 from hf_softmax.samplers.base import Sampler
 from hf_softmax.select_ahead import SelectAhead
 from hf_softmax.shard import (
@@ -59,6 +60,8 @@ class SampledClassifier(nn.Module):
     weight: initial W (N, D) float32, used in place (device and pinning kept; sliced under
     DDP); default N(0, ``init_std``) by seeded blocks (``row_store.initial_rows``).
     prefetch: "auto" | True | False: select ahead (``select_ahead``; auto: CUDA + offload).
+    row_norm (r > 0, cosine heads | None), row_momentum ("lazy" | "immediate"): how rows move
+    (``hf_softmax.row_update``; train.py's defaults: ``auto_row_norm``, "immediate").
     shard: with a factory, split the rows over ``group``'s ranks when it has size > 1.
     """
 
@@ -79,6 +82,8 @@ class SampledClassifier(nn.Module):
         group: Any = None,
         ddp_grad_scale: bool = True,
         prefetch: str | bool = "auto",
+        row_norm: float | None = None,
+        row_momentum: str = "lazy",
     ) -> None:
         super().__init__()
         self.ahead = SelectAhead(prefetch)
@@ -89,6 +94,8 @@ class SampledClassifier(nn.Module):
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.offload, self.init_std, self.seed = bool(offload), float(init_std), int(seed)
         self.group, self.ddp_grad_scale = group, bool(ddp_grad_scale)
+        self.row_norm = resolve_row_norm(row_norm, head.metric)
+        self.row_momentum = check_row_momentum(row_momentum)
         if weight is not None and tuple(weight.shape) != (num_classes, embedding_dim):
             raise ValueError(
                 f"classifier: weight has shape {tuple(weight.shape)}, expected "
@@ -117,7 +124,8 @@ class SampledClassifier(nn.Module):
         store = rank_store(self.num_classes, self.embedding_dim, size, rank, self._store,
                            self.world_size, self.rank, self._initial, self.init_std, self.seed,
                            mu=self.momentum, weight_decay=self.weight_decay,
-                           offload=self.offload)  # fmt: skip
+                           offload=self.offload, row_norm=self.row_norm,
+                           row_momentum=self.row_momentum)  # fmt: skip
         self.rank, self.world_size = rank, size
         self._sampler = self._make_sampler(store.num_rows, state)
         store.place(self._device)

@@ -4,11 +4,8 @@ Owns W (n, D) float32, its momentum (n, D) and a touched (n,) bool mask, n = end
 N classes on one process, the rank's shard under DDP). Ids given to its methods are LOCAL
 (row indices 0..n-1); ``argmax``/``topk`` return global class ids (+ ``start``).
 
-Lazy sparse SGD (``step_``): only the rows of the step's active set move,
-``g = grad + wd * w;  v = mu * v + g;  w -= lr * v`` — what ``torch.optim.SGD(momentum=mu,
-dampening=0, weight_decay=wd)`` does to those rows. Rows not active get nothing that step (no
-decay, no momentum movement): skipped, not deferred, the per-row parameter-server semantics
-of the original HF-Softmax.
+Sparse SGD (``step_``): only the rows of the step's active set move, by the rule of
+``hf_softmax.row_update`` (``row_momentum`` lazy | immediate, ``row_norm``).
 
 Offload: W and momentum stay in host memory (pinned when the compute device is CUDA) and
 only W[A] (M, D) crosses to the device per step. ``prefetch`` stages the next step's W[A]
@@ -25,6 +22,7 @@ import torch
 
 from hf_softmax.heads import MarginHead
 from hf_softmax.row_prefetch import StagedRows, refresh_staged, stage_rows
+from hf_softmax.row_update import check_row_momentum, project_rows, sgd_rows
 
 INIT_BLOCK = 65536  # rows per independently seeded block of the initial W
 
@@ -118,6 +116,8 @@ class RowStore:
         mu: float = 0.9,
         weight_decay: float = 5e-4,
         offload: bool = False,
+        row_norm: float | None = None,
+        row_momentum: str = "lazy",
     ) -> None:
         if weight.dim() != 2:
             raise ValueError(f"row store: weight must be (n, D), got shape {tuple(weight.shape)}")
@@ -130,6 +130,12 @@ class RowStore:
         self.mu = float(mu)
         self.weight_decay = float(weight_decay)
         self.offload = bool(offload)
+        self.row_norm = None if row_norm is None else float(row_norm)
+        self.row_momentum = check_row_momentum(row_momentum)
+        if self.row_norm is not None:
+            if self.row_norm <= 0:
+                raise ValueError(f"row store: row_norm must be > 0 or None, got {row_norm}")
+            self.weight.copy_(project_rows(self.weight, self.row_norm))
         self.num_updates = 0
         self.staged: StagedRows | None = None  # the next step's rows (``prefetch``)
         self.staged_hits = 0  # gathers served from staged rows
@@ -150,7 +156,8 @@ class RowStore:
     def sliced(self, start: int, end: int) -> RowStore:
         """A store of the classes [start, end) (within this one's) with copies of their state."""
         lo, hi = start - self.start, end - self.start
-        out = RowStore(self.weight[lo:hi].clone(), start, self.mu, self.weight_decay, self.offload)
+        out = RowStore(self.weight[lo:hi].clone(), start, self.mu, self.weight_decay, self.offload,
+                       self.row_norm, self.row_momentum)
         out.momentum_buffer.copy_(self.momentum_buffer[lo:hi])
         out.touched.copy_(self.touched[lo:hi])
         out.num_updates = self.num_updates
@@ -211,15 +218,17 @@ class RowStore:
     @torch.no_grad()
     def step_(self, ids: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
         """In place on the rows ``ids`` (M,) local only, grad (M, D) on any device:
-        ``g = grad + wd * w;  v = mu * v + g;  w -= lr * v``; the rows are marked touched."""
+        ``row_update.sgd_rows`` (lazy: ``g = grad + wd * w;  v = mu * v + g;  w -= lr * v``);
+        the rows are marked touched."""
         weight, momentum = self.weight, self.momentum_buffer
         ids_w = ids.to(weight.device)
         grad = grad.to(weight.device, weight.dtype)  # offload: (M, D) device -> host
         w = weight.index_select(0, ids_w)  # (M, D) copies
-        g = grad.add(w, alpha=self.weight_decay) if self.weight_decay else grad
-        v = momentum.index_select(0, ids_w).mul_(self.mu).add_(g)
-        momentum.index_copy_(0, ids_w, v)
-        weight.index_copy_(0, ids_w, w.add_(v, alpha=-lr))
+        v = None if self.row_momentum == "immediate" else momentum.index_select(0, ids_w)
+        w, v = sgd_rows(w, v, grad, lr, self.mu, self.weight_decay, self.row_norm)
+        if v is not None:
+            momentum.index_copy_(0, ids_w, v)
+        weight.index_copy_(0, ids_w, w)
         self.touched[ids.cpu()] = True
         self.num_updates += 1
         if self.staged is not None:  # staged rows this update moved: gathered again

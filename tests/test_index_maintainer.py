@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from hf_softmax.build_worker import WorkerIndex
+from hf_softmax.class_table import table_candidates
 from hf_softmax.classifier import SampledClassifier
 from hf_softmax.dense_classifier import DenseClassifier
 from hf_softmax.heads import build_head
@@ -183,6 +185,39 @@ def test_process_build_matches_a_build_in_this_process(name):
     finally:
         m.close()
     assert m.worker is None
+
+
+@pytest.mark.parametrize("name", ["annoy", "exact"])
+def test_process_build_in_label_mode_hands_back_only_the_table(name):
+    """Label mode: the worker keeps its index and returns the class table, which equals the
+    table of the same build made here; the trainer holds a WorkerIndex and an mmapped table,
+    and selects from it. The query effort the trainer tuned reaches the worker."""
+    knobs = {"annoy": {"ntrees": 4, "n_jobs": 1}}.get(name, {})
+    clf = make(name, query="label", table_k=6, **knobs)
+    m = IndexMaintainer(clf, interval=100, background="process", probe_every=0, build_threads=1)
+    m.start(0)
+    try:
+        train(clf, m, range(0, 2))
+        if name == "annoy":
+            clf.sampler.effort = 4  # as target_recall would: a poorer table than the default
+        m.on_step_start(100)
+        m.wait(100)
+        assert m.failures == 0 and m.history[-1].background
+        sampler = clf.sampler
+        assert isinstance(sampler.index, WorkerIndex) and sampler.index.pid == m.worker.pid
+        assert isinstance(sampler.table, np.memmap) and sampler.table.shape == (N, 6)
+        reference = make(name, query="label", table_k=6, **knobs).sampler
+        if name == "annoy":
+            reference.effort = 4
+        weights = clf.snapshot_weights()
+        index = reference.build_index(weights)
+        np.testing.assert_array_equal(sampler.table, reference.build_table(index, weights))
+        labels = torch.arange(B)
+        out = clf(torch.randn(B, D), labels)  # selects from the table, no index query
+        expected = table_candidates(np.asarray(sampler.table), np.arange(B), M - B)
+        assert out.active.ids[B : B + expected.size].tolist() == expected.tolist()
+    finally:
+        m.close()
 
 
 class CrashingAnnoy(AnnoySampler):
