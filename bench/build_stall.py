@@ -8,6 +8,8 @@ Modes: ``thread`` (a build thread of the training process) and ``process`` (the 
 build worker, ``hf_softmax.build_worker``, given ``build_threads`` cores).
 
     python -m bench.build_stall --n 100000 1000000 --threads 1 --build-threads 1
+    python -m bench.build_stall --n 100000 1000000 --indexes annoy --modes process \
+        --queries feature label --out build_stall_label
 """
 
 from __future__ import annotations
@@ -122,6 +124,7 @@ def stall(
     base_med = float(np.median(base))
     res = {
         "index": name,
+        "query": knobs.get("query", "feature"),
         "mode": mode,
         "build_threads": build_threads,
         "N": n,
@@ -149,6 +152,7 @@ def stall(
 def run(
     sizes: list[int], dim: int = 256, modes: tuple[str, ...] = ("thread", "process"),
     indexes: tuple[str, ...] = ("annoy", "hnsw"), build_threads: int = 1,
+    queries: tuple[str, ...] = ("feature",),
 ) -> dict[str, Any]:  # fmt: skip
     clock = RunClock()
     rows = []
@@ -156,9 +160,11 @@ def run(
         w = family_rows(n, dim, scale=0.05)
         for name in indexes:
             knobs = {"n_jobs": build_threads} if name == "annoy" else {"num_threads": 1}
-            for mode in modes:
-                rows.append(stall(name, w, mode, build_threads, refresh=name == "hnsw", **knobs))
-                free_memory()
+            for query in queries:
+                for mode in modes:
+                    rows.append(stall(name, w, mode, build_threads, refresh=name == "hnsw",
+                                      query=query, **knobs))  # fmt: skip
+                    free_memory()
         del w
         free_memory()
     return {"rows": rows, "meta": clock.meta(dim=dim, build_threads=build_threads)}
@@ -167,6 +173,7 @@ def run(
 COLUMNS = [
     ("N", "N", fmt_count),
     ("index", "index", None),
+    ("query", "selection", None),
     ("mode", "build in", None),
     ("kind", "rebuild", None),
     ("build_s", "build time", fmt_seconds),
@@ -198,10 +205,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--indexes", nargs="+", default=["annoy", "hnsw"])
     p.add_argument("--threads", type=int, default=1, help="torch threads of the trainer")
     p.add_argument("--build-threads", type=int, default=1)
+    p.add_argument("--queries", nargs="+", default=["feature"], choices=["feature", "label"],
+                   help="label: the build also makes the class table (process: the only "
+                        "thing handed back)")  # fmt: skip
     p.add_argument("--out", default="build_stall")
     args = p.parse_args(argv)
     setup_run(args.threads)
-    data = run(args.n, args.d, tuple(args.modes), tuple(args.indexes), args.build_threads)
+    data = run(args.n, args.d, tuple(args.modes), tuple(args.indexes), args.build_threads,
+               tuple(args.queries))  # fmt: skip
     write_json(args.out, data)
     print(render(data))
     return data

@@ -5,6 +5,8 @@ by weight row (K = ``sampler.table_k``): an (N, K) int32 table, N * K * 4 bytes 
 N = 10^6, K = 16), -1 where the index found fewer. A step's active set is then the batch's
 positives plus the union of their table rows, rank-major (rank 0 of every positive first),
 deduplicated, positives removed, trimmed: a lookup of O(B * K), no index query in the step.
+The positives are taken in batch order (``batch_order``), as feature mode takes its samples:
+in sorted order a budget smaller than the batch would only ever serve the lowest class ids.
 It needs only the labels, so the step can be selected ahead (``classifier.prefetch``).
 
 The table asks the index about its own rows (``Sampler.query_rows``): annoy by item id
@@ -19,6 +21,7 @@ probe of label mode (it sees both the index's misses and the rows' drift since t
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -68,16 +71,29 @@ def neighbour_table(
     return out
 
 
-def table_candidates(table: np.ndarray, positives: np.ndarray, want: int) -> np.ndarray:
-    """Up to ``want`` ids from the table rows of ``positives`` (P,) sorted unique, not
-    themselves positives, rank-major (every positive's rank 0 first), first occurrence kept."""
-    if want <= 0 or positives.size == 0 or table.shape[1] == 0:
+def batch_order(labels: Any, positives: np.ndarray) -> np.ndarray:
+    """The batch's classes ``positives`` (sorted unique) in the order they first occur in
+    ``labels`` (B,): the order the table rows are taken in, so that trimming drops the
+    classes the loader happened to put last, never the classes with the highest ids."""
+    flat = np.asarray(labels.detach().cpu() if hasattr(labels, "detach") else labels).reshape(-1)
+    _, first = np.unique(flat, return_index=True)
+    return flat[np.sort(first)].astype(np.int64, copy=False)
+
+
+def table_candidates(
+    table: np.ndarray, order: np.ndarray, want: int, positives: np.ndarray | None = None
+) -> np.ndarray:
+    """Up to ``want`` ids from the table rows of the classes ``order`` (P,) unique, in the
+    order given, not themselves positives (``positives``: the same set, any order; default
+    ``order``), rank-major (every class's rank 0 first), first occurrence kept."""
+    positives = order if positives is None else positives
+    if want <= 0 or order.size == 0 or table.shape[1] == 0:
         return np.empty(0, dtype=np.int64)
-    cand = np.ascontiguousarray(table[positives].T).reshape(-1).astype(np.int64)
+    cand = np.ascontiguousarray(table[order].T).reshape(-1).astype(np.int64)
     cand = cand[cand >= 0]
     _, first = np.unique(cand, return_index=True)
     cand = cand[np.sort(first)]
-    cand = cand[~np.isin(cand, positives, assume_unique=True)]
+    cand = cand[~np.isin(cand, positives)]
     return cand[:want]
 
 

@@ -156,8 +156,15 @@ class RowStore:
     def sliced(self, start: int, end: int) -> RowStore:
         """A store of the classes [start, end) (within this one's) with copies of their state."""
         lo, hi = start - self.start, end - self.start
-        out = RowStore(self.weight[lo:hi].clone(), start, self.mu, self.weight_decay, self.offload,
-                       self.row_norm, self.row_momentum)
+        out = RowStore(
+            self.weight[lo:hi].clone(),
+            start,
+            self.mu,
+            self.weight_decay,
+            self.offload,
+            self.row_norm,
+            self.row_momentum,
+        )
         out.momentum_buffer.copy_(self.momentum_buffer[lo:hi])
         out.touched.copy_(self.touched[lo:hi])
         out.num_updates = self.num_updates

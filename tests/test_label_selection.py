@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from hf_softmax.class_table import drop_self, table_recall
+from hf_softmax.class_table import batch_order, drop_self, table_candidates, table_recall
 from hf_softmax.classifier import SampledClassifier
 from hf_softmax.heads import LinearHead
 from hf_softmax.index_maintainer import IndexMaintainer
@@ -41,12 +41,14 @@ def built(sampler, rows):
 
 
 def reference_select(table, labels, m):
-    """The obvious label select without the fill: positives, then the table rows of the
-    positives rank by rank, each id once, no positive, at most m - |P|."""
+    """The obvious label select without the fill: positives (sorted), then the table rows of
+    the positives rank by rank, the positives in the order the batch first shows them, each
+    id once, no positive, at most m - |P|."""
     pos = sorted(set(int(x) for x in labels))
+    order = list(dict.fromkeys(int(x) for x in labels))
     out = list(pos)
     for rank in range(table.shape[1]):
-        for p in pos:
+        for p in order:
             c = int(table[p, rank])
             if c >= 0 and c not in out and len(out) < m:
                 out.append(c)
@@ -213,3 +215,19 @@ def test_staged_rows_are_refreshed_after_the_update():
     shared = int(np.isin(staged.ids.numpy(), out.row_ids.numpy()).sum())
     assert shared >= 2 and staged.refreshed == shared
     assert torch.equal(staged.rows, clf.weight[staged.ids])
+
+
+def test_a_trimmed_table_selection_follows_the_batch_not_the_class_ids():
+    """With room for fewer neighbours than the batch has classes, the classes the batch
+    shows first are served, whatever their ids (sorted order served only the lowest ids:
+    on Hangul, two thirds of the classes never got a hard negative)."""
+    n = 100
+    table = ((np.arange(n)[:, None] + np.arange(1, 4)[None, :]) % n).astype(np.int32)
+    labels = torch.tensor([90, 10, 50, 90])
+    order = batch_order(labels, np.array([10, 50, 90]))
+    assert order.tolist() == [90, 10, 50]
+    assert table_candidates(table, order, 2, np.array([10, 50, 90])).tolist() == [91, 11]
+    sampler = make("exact", n, 5, table_k=3)
+    sampler.swap(sampler.build_index(clustered(n=n)), table)
+    active = sampler.select(None, labels)
+    assert active.ids[:5].tolist() == [10, 50, 90, 91, 11]

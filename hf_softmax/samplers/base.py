@@ -25,6 +25,7 @@ import torch
 
 from hf_softmax.class_table import (
     TABLE_BATCH,
+    batch_order,
     check_label_knobs,
     neighbour_table,
     table_candidates,
@@ -220,7 +221,7 @@ class Sampler:
         self.last_positives = pos
         if from_index > 0 and use_index:
             if self.query_mode == "label":
-                index_ids = self._table_neighbours(pos, from_index)
+                index_ids = self._table_neighbours(batch_order(labels, pos), pos, from_index)
             else:
                 index_ids = self._neighbours(features, pos, from_index)
             chosen = np.concatenate([pos, index_ids])
@@ -239,12 +240,13 @@ class Sampler:
                      "first build", self.name)  # fmt: skip
         return np.empty(0, dtype=np.int64)
 
-    def _table_neighbours(self, pos: np.ndarray, want: int) -> np.ndarray:
-        """Label mode: up to ``want`` ids of the positives' table rows (rank-major, deduped)."""
+    def _table_neighbours(self, order: np.ndarray, pos: np.ndarray, want: int) -> np.ndarray:
+        """Label mode: up to ``want`` ids of the table rows of the positives ``order`` (in
+        batch order; ``pos`` sorted), rank-major, deduped, no positive."""
         table = self._table  # read once: a swap cannot tear it
         if table is None:
             return self._fallback()
-        return table_candidates(table, pos, want)
+        return table_candidates(table, order, want, pos)
 
     def _neighbours(self, features: torch.Tensor, pos: np.ndarray, want: int) -> np.ndarray:
         """Up to ``want`` neighbour ids of the batch, not in ``pos``, rank-major order."""
