@@ -83,7 +83,9 @@ def build_classifier(
         if offload:
             raise ValueError("classifier.offload needs a sampled (non-dense) sampler, got 'full'")
         sampler = sampler_partial(num_classes=int(num_classes), metric=head.metric, seed=int(seed))
-        return DenseClassifier(sampler=sampler, **common)
+        dense_norm = classifier_cfg.get("row_norm")  # auto: the plain reference, free rows
+        dense_norm = None if isinstance(dense_norm, str) else dense_norm
+        return DenseClassifier(sampler=sampler, row_norm=dense_norm, **common)
     classifier = SampledClassifier(
         sampler=sampler_partial,  # called with (num_classes=, metric=, seed=, num=) per shard
         num=int(_keywords(sampler_partial)["num"]),

@@ -3,9 +3,10 @@
 W (N, D) is an ordinary ``nn.Parameter`` trained by the torch optimizer (SGD with momentum
 and weight decay in ``HFSoftmaxModule``), exactly as a user would write a plain softmax
 classifier; under DDP it is replicated and its gradient all-reduced like any parameter.
-``step`` is a no-op. It has the index-facing methods of ``SampledClassifier`` (``sampler``:
-a ``FullSampler``, ``snapshot_weights``, ``pop_touched``, ``num``, ``predict``, ``place``) so
-callbacks need no special case.
+``step`` only projects the rows back to ``row_norm`` when one is given (a number:
+``classifier.row_norm: auto`` leaves this reference plain). It has the index-facing methods
+of ``SampledClassifier`` (``sampler``: a ``FullSampler``, ``snapshot_weights``,
+``pop_touched``, ``num``, ``predict``, ``place``) so callbacks need no special case.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from hf_softmax.heads import MarginHead
 from hf_softmax.output import ClassifierOutput
 from hf_softmax.row_store import argmax_rows, initial_rows, topk_rows
+from hf_softmax.row_update import project_rows, resolve_row_norm
 from hf_softmax.samplers.base import Sampler
 from hf_softmax.samplers.full import FullSampler
 
@@ -33,6 +35,9 @@ class DenseClassifier(nn.Module):
     sampler: None (a ``FullSampler`` is made), a built Sampler over N, or a factory called
     with ``num_classes=, metric=, seed=``; its selection is the identity (all N active).
     weight: initial W (N, D); default as ``SampledClassifier``'s (``row_store.initial_rows``).
+    row_norm: None (W free, the plain softmax everyone writes) or r > 0 (cosine heads): every
+    row starts at and is projected back to norm r after each optimizer step, the rule of the
+    sampled rows (``hf_softmax.row_update``) applied to all N.
     """
 
     def __init__(
@@ -44,8 +49,10 @@ class DenseClassifier(nn.Module):
         init_std: float = 0.01,
         seed: int = 0,
         weight: torch.Tensor | None = None,
+        row_norm: float | None = None,
     ) -> None:
         super().__init__()
+        self.row_norm = resolve_row_norm(row_norm, head.metric)
         self.num_classes, self.embedding_dim = int(num_classes), int(embedding_dim)
         self.head = head
         if sampler is None:
@@ -65,6 +72,8 @@ class DenseClassifier(nn.Module):
                 f"dense classifier: weight has shape {tuple(weight.shape)}, expected "
                 f"({num_classes}, {embedding_dim}) (num_classes, embedding_dim)"
             )
+        if self.row_norm is not None:
+            weight = project_rows(weight.detach(), self.row_norm)
         self.weight = nn.Parameter(weight.detach())
 
     @property
@@ -93,8 +102,11 @@ class DenseClassifier(nn.Module):
             acc = (plain.argmax(dim=1) == targets).float().mean()
         return ClassifierOutput(F.cross_entropy(logits, targets), logits, targets, active, acc)
 
+    @torch.no_grad()
     def step(self, out: ClassifierOutput, lr: float) -> None:
-        """Nothing: the torch optimizer updates ``weight``."""
+        """After the torch optimizer's step: rows back to ``row_norm`` (else nothing)."""
+        if self.row_norm is not None:
+            self.weight.copy_(project_rows(self.weight, self.row_norm))
 
     def nonfinite_rows(self, out: ClassifierOutput) -> list[int]:
         """Up to 10 ids of rows holding NaN/Inf."""

@@ -93,9 +93,26 @@ def test_run_trains_and_scores_through_train_and_evaluate(built, tmp_path):
         assert 0.0 <= row[key] <= 1.0, key
     assert row["top5"] >= row["top1"] and row["train_s"] > 0
     assert "sampler=auto" in row["command"] and "data.flip=false" in row["command"]
+    assert row["rows"] == "sphere"  # the default classifier.row_norm: auto, cosine head
     # a second call finds the row and runs nothing
     run_all([job], built[0], steps=3, batch=8, threads=1, work=tmp_path / "runs", results_path=out)
     assert len(load_results(out)["rows"]) == 1
     text = render(load_results(out), out_dir=tmp_path)
     assert (tmp_path / "hangul.png").exists()
     assert "| auto rf0.5 | 20 |" in text and "M/N = 50%" in text
+
+
+def test_report_tables_split_by_row_rule_and_full_joins_each():
+    from bench.hangul.report import group_by_budget
+
+    def row(label, sampler, rows):
+        return {"label": label, "sampler": sampler, "fraction": 0.02, "steps": 10, "batch": 4,
+                "rows": rows}  # fmt: skip
+
+    old = [row("auto", "auto", "free"), row("random", "random", "free")]
+    new = [row("auto", "auto", "sphere"), row("random", "random", "sphere")]
+    groups = group_by_budget([*old, row("full", "full", "free"), *new])
+    assert sorted(groups) == [(0.02, 10, 4, "mixed"), (0.02, 10, 4, "sphere")]
+    for rule in ("mixed", "sphere"):
+        assert [r["label"] for r in groups[(0.02, 10, 4, rule)]] == ["auto", "random", "full"]
+    assert list(group_by_budget([row("full", "full", "free")])) == [(0.02, 10, 4, "mixed")]

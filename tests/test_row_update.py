@@ -128,3 +128,23 @@ def test_knobs_survive_slicing_and_state_round_trip():
     fresh = make("cosface", row_norm=0.5, row_momentum="immediate")
     fresh.load_state_dict(clf.state_dict())
     assert torch.equal(fresh.weight, clf.weight)
+
+
+def test_full_softmax_stays_plain_under_auto_and_projects_with_a_number():
+    """sampler=full: W a parameter under torch SGD; row_norm auto leaves it free (the plain
+    reference); a number keeps all N rows at that norm after every optimizer step."""
+    cfg = module_cfg("full", "cosface", lr=0.1, momentum=0.9)
+    cfg.classifier = {"offload": False, "row_norm": "auto", "row_momentum": "immediate"}
+    cfg.data = {"batch_size": 32}
+    assert build_module(OmegaConf.to_container(cfg), N).classifier.row_norm is None
+    cfg.classifier.row_norm = 0.5
+    clf = build_module(OmegaConf.to_container(cfg), N).classifier
+    torch.testing.assert_close(clf.weight.detach().norm(dim=1), torch.full((N,), 0.5))
+    opt = torch.optim.SGD(clf.parameters(), lr=LR, momentum=MU)
+    for _, labels in batches(2):
+        out = clf(torch.randn(B, 32), labels)  # module_cfg's embedding dim
+        out.loss.backward()
+        opt.step()
+        clf.step(out, LR)
+        opt.zero_grad()
+    torch.testing.assert_close(clf.weight.detach().norm(dim=1), torch.full((N,), 0.5))

@@ -20,6 +20,11 @@ METRICS = ("top1", "top5", "pairs", "lookalike", "train_s", "recall")
 
 # training images of the full 11,172-class build (592,116): says what a budget is in epochs
 TRAIN_IMAGES = 592_116
+# how the sampled rows moved (the row "rows" of a result; full's W is always a plain parameter)
+RULES = {
+    "sphere": "sampled rows kept at `classifier.row_norm` (auto), the defaults since 2026-11-27",
+    "mixed": "before `classifier.row_norm`: sampled rows free to grow, lazy momentum",
+}
 
 
 def _pct(x: float | None) -> str:
@@ -81,15 +86,15 @@ def render(results: dict[str, Any], plot_name: str = "hangul.png", out_dir: Path
         ("time_ratio", "time / random", lambda v: f"{v:.2f}×"),
         ("recall", "recall@k (logged)", lambda v: f"{v:.2f}"),
     ]
-    # one table per budget: runs are comparable only at the same M/N, steps and batch
-    by_budget: dict[tuple[float, int, int], list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        by_budget[_budget(r)].append(r)
+    # one table per budget and row rule: runs are comparable only at the same M/N, steps and
+    # batch, and with rows that move by the same rule
+    by_budget = group_by_budget(rows)
     for budget in _order(by_budget):
-        fraction, steps, batch = budget
+        fraction, steps, batch, rule = budget
         full_set = by_budget[budget][0].get("num_classes") == 11172
         epochs = f", {steps * batch / TRAIN_IMAGES:.2f} epoch" if full_set else ""
-        head = f"**M/N = {100 * fraction:g}%** ({steps} steps of {batch} images{epochs})"
+        head = (f"**M/N = {100 * fraction:g}%** ({steps} steps of {batch} images{epochs}; "
+                f"{RULES[rule]})")  # fmt: skip
         lines += ["", head, "", markdown_table(summarise(by_budget[budget]), columns)]
     notes = OUT_DIR / "hangul_notes.md"  # hand-written analysis kept beside the numbers
     if notes.exists():
@@ -99,17 +104,36 @@ def render(results: dict[str, Any], plot_name: str = "hangul.png", out_dir: Path
     return "\n".join(lines)
 
 
-def _budget(row: dict[str, Any]) -> tuple[float, int, int]:
-    return (float(row["fraction"]), int(row["steps"]), int(row["batch"]))
+def _budget(row: dict[str, Any]) -> tuple[float, int, int, str]:
+    rule = "mixed" if row.get("rows", "free") == "free" else "sphere"
+    return (float(row["fraction"]), int(row["steps"]), int(row["batch"]), rule)
 
 
-def _order(groups: dict[tuple[float, int, int], Any]) -> list[tuple[float, int, int]]:
-    """Largest M/N first, then the longest budget first."""
-    return sorted(groups, key=lambda b: (-b[0], -b[1] * b[2]))
+def group_by_budget(
+    rows: list[dict[str, Any]],
+) -> dict[tuple[float, int, int, str], list[dict[str, Any]]]:
+    """Rows by (M/N, steps, batch, row rule); ``full`` (the dense reference, whose W no rule
+    touches) goes into every table of its budget."""
+    groups: dict[tuple[float, int, int, str], list[dict[str, Any]]] = defaultdict(list)
+    dense = [r for r in rows if r["sampler"] == "full"]
+    for r in rows:
+        if r["sampler"] != "full":
+            groups[_budget(r)].append(r)
+    for r in dense:
+        key = _budget(r)
+        targets = [g for g in groups if g[:3] == key[:3]] or [key]
+        for g in targets:
+            groups[g].append(r)
+    return groups
+
+
+def _order(groups: dict[tuple[float, int, int, str], Any]) -> list[tuple[float, int, int, str]]:
+    """The current row rule first, then the largest M/N, then the longest budget."""
+    return sorted(groups, key=lambda b: (b[3] != "sphere", -b[0], -b[1] * b[2]))
 
 
 def _plot(
-    by_budget: dict[tuple[float, int, int], list[dict[str, Any]]],
+    by_budget: dict[tuple[float, int, int, str], list[dict[str, Any]]],
     name: str,
     out_dir: Path = OUT_DIR,
 ) -> None:
@@ -117,12 +141,13 @@ def _plot(
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     markers = "os^Dv<>p*h"
     for i, budget in enumerate(_order(by_budget)):
-        fraction, steps, _ = budget
+        fraction, steps, _, rule = budget
         for j, s in enumerate(summarise(by_budget[budget])):
             for ax, key in zip(axes, ("top1", "lookalike"), strict=True):
                 if s.get(key) is None:
                     continue
-                label = f"{s['label']} ({100 * fraction:g}%, {steps} steps)"
+                era = "" if rule == "sphere" else ", before row_norm"
+                label = f"{s['label']} ({100 * fraction:g}%, {steps} steps{era})"
                 marker = markers[i % len(markers)]
                 color = plt.cm.tab20(j % 20)
                 ax.scatter(s["train_s"], 100 * s[key], marker=marker, color=color, label=label)

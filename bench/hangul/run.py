@@ -116,6 +116,17 @@ def logged_recall(run_dir: Path) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def row_rule(run_dir: Path) -> str:
+    """How the run's classifier rows moved, from its composed config: "sphere" (a
+    ``classifier.row_norm``: rows kept at a norm) or "free" (rows free to grow, the rule before
+    row_norm existed; also ``sampler=full``, whose W is a plain parameter)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    sampled = cfg.sampler.get("_target_", "").split(".")[-1] != "FullSampler"
+    return "sphere" if sampled and cfg.classifier.get("row_norm") is not None else "free"
+
+
 def run_job(job: Job, cmd: list[str], run_dir: Path, data: Path) -> dict[str, Any]:
     """Train with ``cmd`` (its ``hydra.run.dir`` is ``run_dir``), evaluate the checkpoint on
     ``data``; -> the job's scores and times (run_all adds the budget)."""
@@ -136,6 +147,7 @@ def run_job(job: Job, cmd: list[str], run_dir: Path, data: Path) -> dict[str, An
         "lookalike": metrics.get("pairs_lookalike/acc"),
         "train_s": train_s,
         "recall": logged_recall(run_dir),
+        "rows": row_rule(run_dir),
     }
     log.info("%s: top1 %.4f lookalike %.4f (%.0f s)", job.name, row["top1"] or math.nan,
              row["lookalike"] or math.nan, train_s)  # fmt: skip
