@@ -4,8 +4,8 @@
 ``weight``, ``momentum`` and ``touched`` to rank 0 (other ranks write (0, D)), plus
 ``num_updates``, ``sampler_rng`` (rank 0's stream) and ``sampler_counters`` [M, selects,
 fallbacks, swaps]. Loading takes this rank's block from the full tensors, so a checkpoint
-resumes with any world size; a dense checkpoint (``sampler=full``) has no momentum, which
-then starts at zero.
+resumes with any world size; a dense checkpoint (``sampler=full``) and one written with
+``row_momentum: immediate`` have no momentum, which then starts at zero (lazy).
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ def checkpoint_tensors(
     state = store.state()
     out: dict[str, torch.Tensor] = {}
     for key in ROW_KEYS:
+        if key not in state:  # momentum, when the rows keep none (row_momentum immediate)
+            continue
         value = state[key]
         if world_size > 1 and key != "num_updates":
             value = coll.consolidate(value, num_classes, group)

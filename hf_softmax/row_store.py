@@ -122,16 +122,19 @@ class RowStore:
         if weight.dim() != 2:
             raise ValueError(f"row store: weight must be (n, D), got shape {tuple(weight.shape)}")
         self.weight = weight.detach()
+        self.row_momentum = check_row_momentum(row_momentum)
+        # "immediate" keeps no momentum: an empty (0, D) buffer, N * D * 4 bytes saved
+        rows = weight.shape[0] if self.row_momentum == "lazy" else 0
         self.momentum_buffer = torch.zeros(
-            weight.shape, dtype=weight.dtype, device=weight.device, pin_memory=weight.is_pinned()
-        )
+            (rows, weight.shape[1]), dtype=weight.dtype, device=weight.device,
+            pin_memory=weight.is_pinned(),
+        )  # fmt: skip
         self.touched = torch.zeros(weight.shape[0], dtype=torch.bool)
         self.start = int(start)
         self.mu = float(mu)
         self.weight_decay = float(weight_decay)
         self.offload = bool(offload)
         self.row_norm = None if row_norm is None else float(row_norm)
-        self.row_momentum = check_row_momentum(row_momentum)
         if self.row_norm is not None:
             if self.row_norm <= 0:
                 raise ValueError(f"row store: row_norm must be > 0 or None, got {row_norm}")
@@ -165,7 +168,8 @@ class RowStore:
             self.row_norm,
             self.row_momentum,
         )
-        out.momentum_buffer.copy_(self.momentum_buffer[lo:hi])
+        if self.row_momentum == "lazy":
+            out.momentum_buffer.copy_(self.momentum_buffer[lo:hi])
         out.touched.copy_(self.touched[lo:hi])
         out.num_updates = self.num_updates
         return out
@@ -262,14 +266,16 @@ class RowStore:
 
     # -- checkpoint ------------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:
-        """This range's ``weight``, ``momentum``, ``touched`` (live tensors but the mask) and
-        ``num_updates`` (0-d int64)."""
-        return {
+        """This range's ``weight``, ``momentum`` (lazy momentum only), ``touched`` (live
+        tensors but the mask) and ``num_updates`` (0-d int64)."""
+        out = {
             "weight": self.weight.detach(),
-            "momentum": self.momentum_buffer.detach(),
             "touched": self.touched.clone(),
             "num_updates": torch.tensor(self.num_updates, dtype=torch.int64),
         }
+        if self.row_momentum == "lazy":
+            out["momentum"] = self.momentum_buffer.detach()
+        return out
 
     @torch.no_grad()
     def load_full_(
@@ -277,11 +283,12 @@ class RowStore:
     ) -> None:
         """Copy rows [start, end) of the full (N, D) ``weight`` / ``momentum`` and (N,)
         ``touched`` in ``found`` (those present) into this store, keeping device and pinning;
-        a tensor of the wrong shape goes to ``errors`` naming ``prefix + key``."""
+        a tensor of the wrong shape goes to ``errors`` naming ``prefix + key``. A saved
+        momentum is dropped by an "immediate" store (it keeps none)."""
         shape = (num_classes, self.weight.shape[1])
         self.staged = None
         for key, target in (("weight", self.weight), ("momentum", self.momentum_buffer)):
-            if key not in found:
+            if key not in found or (key == "momentum" and self.row_momentum != "lazy"):
                 continue
             if tuple(found[key].shape) != shape:
                 errors.append(

@@ -61,7 +61,8 @@ def test_immediate_equals_torch_sgd_without_momentum_at_lr_over_one_minus_mu(hea
     clf = make(head, row_momentum="immediate")
     ref = reference_run(clf, dict(lr=LR / (1 - MU), momentum=0.0, weight_decay=WD))
     torch.testing.assert_close(clf.weight, ref, rtol=1e-5, atol=1e-6)
-    assert not clf.store.momentum_buffer.any()
+    assert clf.store.momentum_buffer.shape == (0, D)  # no momentum kept: N * D * 4 bytes saved
+    assert "momentum" not in clf.state_dict()
 
 
 @pytest.mark.parametrize("momentum", ["lazy", "immediate"])
@@ -128,6 +129,11 @@ def test_knobs_survive_slicing_and_state_round_trip():
     fresh = make("cosface", row_norm=0.5, row_momentum="immediate")
     fresh.load_state_dict(clf.state_dict())
     assert torch.equal(fresh.weight, clf.weight)
+    lazy = make("cosface", row_norm=0.5, row_momentum="lazy")  # switching rules on resume
+    lazy.load_state_dict(clf.state_dict())  # no momentum saved: it starts at zero
+    assert torch.equal(lazy.weight, clf.weight) and not lazy.store.momentum_buffer.any()
+    clf.load_state_dict(lazy.state_dict())  # a saved momentum is dropped
+    assert clf.store.momentum_buffer.shape == (0, D)
 
 
 def test_full_softmax_stays_plain_under_auto_and_projects_with_a_number():

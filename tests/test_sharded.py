@@ -261,6 +261,23 @@ def _check_num_schedule(rank: int) -> None:
     assert clf.num == 11 and clf.sampler.num == split_count(11, WORLD, rank)
 
 
+def _check_row_rule(rank: int, tmp: Path) -> None:
+    """Rows on a sphere with the momentum tail at once, split over the ranks: every row at
+    its norm, no momentum kept or consolidated, the state loads into one process."""
+    clf = _sharded("cosface", "random", row_norm=0.5, row_momentum="immediate")
+    lo = sum(SIZES[:rank])
+    for feats_all, labels_all in _batches(2):
+        out = clf(feats_all[lo : lo + SIZES[rank]], labels_all[lo : lo + SIZES[rank]])
+        out.loss.backward()
+        clf.step(out, LR)
+    assert clf.store.momentum_buffer.shape == (0, D)
+    torch.testing.assert_close(clf.weight.norm(dim=1), torch.full((clf.weight.shape[0],), 0.5))
+    state = clf.state_dict()
+    if rank == 0:
+        assert "momentum" not in state and state["weight"].shape == (N, D)
+        torch.save(state, tmp / "row-rule.pt")
+
+
 def _worker(rank: int, port: int, tmp: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -275,6 +292,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         _check_ddp_backbone(rank)
         _check_num_schedule(rank)
         _check_init_invariant(rank)
+        _check_row_rule(rank, Path(tmp))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -294,7 +312,12 @@ def test_two_ranks_match_single_process(two_rank_run):
         "arcface-random.pt",
         "cosface-exact.pt",
         "linear-exact.pt",
+        "row-rule.pt",
     ]
+    state = torch.load(two_rank_run / "row-rule.pt")
+    single = _sharded("cosface", "random", row_norm=0.5, row_momentum="immediate")
+    single.load_state_dict(state)
+    torch.testing.assert_close(single.weight, state["weight"])
 
 
 def test_two_rank_checkpoint_loads_in_one_process(two_rank_run):
