@@ -72,6 +72,7 @@ class TaskConfig:
     # how the sampled rows move (hf_softmax.row_update), as train.py's defaults
     row_norm: Any = "auto"
     row_momentum: str = "immediate"
+    knobs: dict[str, Any] = field(default_factory=dict)  # extra knobs of the index samplers
 
 
 @dataclass
@@ -125,6 +126,7 @@ def train_one(task: Task, sampler_name: str, fraction: float | None) -> RunResul
         knobs = {"num_threads": 1, "m": 8, "ef_construction": 40}
     if sampler_name not in ("full", "random"):
         knobs["query"] = cfg.query
+        knobs.update(cfg.knobs)
     sampler = build_sampler(sampler_config(sampler_name, num, **knobs), n, head.metric, cfg.seed)
     kind = DenseClassifier if sampler.dense else SampledClassifier
     if sampler.dense:  # full: W an nn.Parameter under torch SGD, the reference
@@ -215,6 +217,16 @@ def run(
     }
 
 
+def parse_knob(text: str) -> tuple[str, Any]:
+    """``key=value`` -> (key, value as YAML reads it: numbers, null, strings)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--knob expects KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="N = 1e4")
@@ -234,6 +246,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--query", choices=["feature", "label"], help="index samplers' selection")
     p.add_argument("--row-norm", help="sampled rows' norm: auto (default), null or a number")
     p.add_argument("--row-momentum", choices=["immediate", "lazy"])
+    p.add_argument(
+        "--knob",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a knob of the index samplers, e.g. random_fraction=0.5 (repeatable)",
+    )
     p.add_argument("--out", default="accuracy")
     args = p.parse_args(argv)
     setup_run(args.threads)
@@ -254,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         query=args.query,
         row_norm=args.row_norm,
         row_momentum=args.row_momentum,
+        knobs=dict(parse_knob(k) for k in args.knob) or None,
     )
     write_json(args.out, data)
     print(render(data))
