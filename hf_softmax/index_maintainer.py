@@ -1,7 +1,8 @@
 """IndexMaintainer: keeps a sampled classifier's nearest-neighbour index in step with its rows.
 
 Plain Python, no Lightning: ``callbacks.index_rebuild.IndexRebuild`` adapts it to a Trainer,
-and the benchmarks drive it directly. The classifier gives ``sampler``, ``snapshot_weights()``
+and the benchmarks drive it directly. The classifier gives ``sampler``, ``weight`` (its live
+rows, which a process build copies straight into shared memory), ``snapshot_weights()``
 ((N, D) float32 copy), ``pop_touched()`` (ids updated since the last call), ``num``, ``metric``.
 
 Schedule (``interval`` in global optimizer steps):

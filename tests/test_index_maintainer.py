@@ -200,8 +200,10 @@ def test_process_build_in_label_mode_hands_back_only_the_table(name):
         train(clf, m, range(0, 2))
         if name == "annoy":
             clf.sampler.effort = 4  # as target_recall would: a poorer table than the default
+        block = m.worker.shared_block  # made by the first build, reused by the next
         m.on_step_start(100)
         m.wait(100)
+        assert block is not None and m.worker.shared_block == block
         assert m.failures == 0 and m.history[-1].background
         sampler = clf.sampler
         assert isinstance(sampler.index, WorkerIndex) and sampler.index.pid == m.worker.pid
@@ -218,6 +220,7 @@ def test_process_build_in_label_mode_hands_back_only_the_table(name):
         assert out.active.ids[B : B + expected.size].tolist() == expected.tolist()
     finally:
         m.close()
+    assert not os.path.exists(f"/dev/shm/{block}")  # freed with the worker
 
 
 class CrashingAnnoy(AnnoySampler):
