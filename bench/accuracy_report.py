@@ -30,6 +30,14 @@ def summary(data: dict[str, Any], fraction: float = 0.01) -> dict[str, Any]:
     return out
 
 
+def _row_rule(t: dict[str, Any]) -> str:
+    """How the sampled rows moved (``classifier.row_norm`` / ``row_momentum``)."""
+    if "row_norm" not in t:
+        return "Sampled rows free to grow, lazy momentum (before `classifier.row_norm`)."
+    return (f"Sampled rows: `row_norm` {t['row_norm']}, `row_momentum` {t['row_momentum']}; "
+            "`full` is the plain dense softmax (W free, torch SGD).")  # fmt: skip
+
+
 def render(data: dict[str, Any]) -> str:
     t = data["meta"]["task"]
     rows = []
@@ -67,7 +75,8 @@ def render(data: dict[str, Any]) -> str:
             f"{t['test_size']} held-out samples; *family top-1* counts a sibling as right "
             f"(what random sampling already learns). B is small because M/N = 0.5% of "
             f"{fmt_count(t['num_classes'])} leaves M = "
-            f"{max(int(round(0.005 * t['num_classes'])), 2 * t['batch'])} active classes.",
+            f"{max(int(round(0.005 * t['num_classes'])), 2 * t['batch'])} active classes. "
+            f"{_row_rule(t)}",
             "",
             markdown_table(rows, cols),
             "",

@@ -119,6 +119,7 @@ def stall_section(data: dict[str, Any]) -> list[str]:
     cols = [
         ("N", "N", lambda v: f"{v:,}"),
         ("index", "index", None),
+        ("query", "selection", None),
         ("kind", "job", None),
         ("mode", "where", None),
         ("build_s", "build s", lambda v: f"{v:.0f}"),

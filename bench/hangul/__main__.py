@@ -1,7 +1,8 @@
-"""``python -m bench.hangul build|run [...]``: the Hangul real-image benchmark.
+"""``python -m bench.hangul build|run|rows [...]``: the Hangul real-image benchmark.
 
 ``build`` renders the dataset (bench.hangul.build); ``run`` trains and scores the samplers on it
-(bench.hangul.run, bench.hangul.cli_run).
+(bench.hangul.run, bench.hangul.cli_run); ``rows`` measures how a trained classifier's rows
+follow its features (bench.hangul.rows).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from bench.hangul.build import BuildArgs, NotEnoughFontsError, build
 from bench.hangul.cli_run import add_run_parser, run_main
 from bench.hangul.fonts import FONT_DIRS, face_table, select_faces
+from bench.hangul.rows import add_rows_parser, rows_main
 
 
 def _add_build(sub) -> None:
@@ -66,11 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_build(sub)
     add_run_parser(sub)
+    add_rows_parser(sub)
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")  # fmt: skip
     if a.command == "run":
         return run_main(a)
+    if a.command == "rows":
+        return rows_main(a)
     dirs = tuple(a.font_dirs) if a.font_dirs else FONT_DIRS
     if a.list_fonts:
         print(face_table(*select_faces(dirs, a.workers)))
