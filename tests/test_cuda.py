@@ -111,6 +111,7 @@ def test_bf16_mixed_demo_training_stays_finite_with_float32_rows(tmp_path):
             "trainer.limit_val_batches=1",
             "trainer.log_every_n_steps=1",
             "callbacks.index_rebuild.background=false",
+            "classifier.row_momentum=lazy",  # keeps a momentum buffer, checked below
         ],
         tmp_path,
     )
