@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hf_softmax.config_keys import check_moved
+from hf_softmax.row_update import check_row_momentum, resolve_row_norm
 from hf_softmax.samplers import check_sampler_kwargs, sampler_class
 from hf_softmax.schedule import SCHEDULES
 
@@ -19,6 +20,13 @@ def _node(cfg: Mapping[str, Any], *path: str) -> Mapping[str, Any]:
     for key in path:
         cfg = (cfg.get(key) if isinstance(cfg, Mapping) else None) or {}
     return cfg
+
+
+def check_row_rule(classifier: Mapping[str, Any], head: Mapping[str, Any]) -> None:
+    """``classifier.row_norm`` / ``row_momentum`` (``hf_softmax.row_update``) for the head."""
+    linear = str(head.get("_target_", "")).endswith("LinearHead")
+    resolve_row_norm(classifier.get("row_norm"), "ip" if linear else "cosine", lambda: 1.0)
+    check_row_momentum(str(classifier.get("row_momentum", "lazy")))
 
 
 def check_config(cfg: Mapping[str, Any], num_classes: int | None = None) -> None:
@@ -45,6 +53,7 @@ def check_config(cfg: Mapping[str, Any], num_classes: int | None = None) -> None
             f"callbacks.index_rebuild.interval must be >= 1 (steps between rebuilds), got "
             f"{interval}"
         )
+    check_row_rule(_node(cfg, "classifier"), _node(cfg, "head"))
     num = sampler.get("num")
     if num is None or int(num) < 1:
         raise ValueError(f"sampler.num (M, active classes per step) must be >= 1, got {num}")

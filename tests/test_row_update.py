@@ -154,3 +154,22 @@ def test_full_softmax_stays_plain_under_auto_and_projects_with_a_number():
         clf.step(out, LR)
         opt.zero_grad()
     torch.testing.assert_close(clf.weight.detach().norm(dim=1), torch.full((N,), 0.5))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["classifier.row_norm=big"], r"row_norm must be a number > 0, null or auto, got 'big'"),
+        (["head=linear", "classifier.row_norm=0.5"], r"row_norm = 0.5 needs a cosine head"),
+        (["classifier.row_momentum=eager"], r"row_momentum must be one of"),
+    ],
+)
+def test_bad_row_knobs_fail_before_any_work(overrides, message):
+    from hydra import compose, initialize_config_dir
+
+    from hf_softmax.config_check import check_config
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with pytest.raises(ValueError, match=message):
+        check_config(cfg)
