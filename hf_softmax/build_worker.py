@@ -46,12 +46,13 @@ import tempfile
 import time
 import traceback
 import weakref
-from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from hf_softmax.index_files import WorkerIndex, load_index, save_index, table_path
 
 if TYPE_CHECKING:
     import torch
@@ -60,16 +61,6 @@ log = logging.getLogger(__name__)
 
 _BUILD_THREAD_KNOBS = ("n_jobs", "num_threads")  # annoy, hnsw
 _POLL_S = 0.2  # how often a waiting trainer thread checks that the worker still lives
-
-
-@dataclass(frozen=True)
-class WorkerIndex:
-    """Label mode, process builds: the index of build ``build`` lives in worker ``pid``,
-    which handed back only its class table; the trainer selects from the table and never
-    queries an index."""
-
-    pid: int | None
-    build: int
 
 
 def sampler_spec(sampler: Any, build_threads: int | None) -> tuple[type, dict[str, Any]]:
@@ -101,48 +92,6 @@ def sampler_spec(sampler: Any, build_threads: int | None) -> tuple[type, dict[st
     if build_threads is not None:
         kwargs.update({k: int(build_threads) for k in _BUILD_THREAD_KNOBS if k in kwargs})
     return cls, kwargs
-
-
-def save_index(index: Any, path: Path) -> tuple[str, dict[str, Any]]:
-    """Write ``index`` to ``path``; returns (kind, what ``load_index`` needs besides it)."""
-    import torch
-    from annoy import AnnoyIndex
-
-    if isinstance(index, torch.Tensor):  # exact: the (normalised) rows
-        with open(path, "wb") as fh:  # np.save(name) would append ".npy"
-            np.save(fh, index.numpy(), allow_pickle=False)
-        return "tensor", {}
-    if isinstance(index, AnnoyIndex):
-        index.save(str(path))
-        return "annoy", {"dim": index.f}
-    if hasattr(index, "save_index"):  # hnswlib
-        index.save_index(str(path))
-        return "hnsw", {"space": index.space, "dim": index.dim, "n": index.max_elements}
-    raise TypeError(f"build worker: cannot save an index of type {type(index).__name__}")
-
-
-def load_index(kind: str, path: Path, info: dict[str, Any], metric: str) -> Any:
-    """The index ``save_index`` wrote (annoy: mmapped, the file may be unlinked afterwards)."""
-    if kind == "tensor":
-        import torch
-
-        return torch.from_numpy(np.load(path, allow_pickle=False))
-    if kind == "annoy":
-        from annoy import AnnoyIndex
-
-        index = AnnoyIndex(info["dim"], {"ip": "dot", "cosine": "angular"}[metric])
-        index.load(str(path))
-        return index
-    import hnswlib
-
-    index = hnswlib.Index(space=info["space"], dim=info["dim"])
-    index.load_index(str(path), max_elements=info["n"])
-    return index
-
-
-def table_path(index_path: str | Path) -> Path:
-    """Where the worker writes the class-neighbour table of the index at ``index_path``."""
-    return Path(f"{index_path}.table.npy")
 
 
 def _serve(conn: Any, cls: type, kwargs: dict[str, Any], threads: int | None) -> None:

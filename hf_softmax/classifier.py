@@ -60,8 +60,7 @@ class SampledClassifier(nn.Module):
     weight: initial W (N, D) float32, used in place (device and pinning kept; sliced under
     DDP); default N(0, ``init_std``) by seeded blocks (``row_store.initial_rows``).
     prefetch: "auto" | True | False: select ahead (``select_ahead``; auto: CUDA + offload).
-    row_norm (r > 0, cosine heads | None), row_momentum ("lazy" | "immediate"): how rows move
-    (``hf_softmax.row_update``; train.py's defaults: ``auto_row_norm``, "immediate").
+    row_norm (r | None), row_momentum ("lazy" | "immediate"): how rows move (``row_update``).
     shard: with a factory, split the rows over ``group``'s ranks when it has size > 1.
     """
 
@@ -123,9 +122,8 @@ class SampledClassifier(nn.Module):
         state = self._sampler.state_dict() if self._store is not None else None
         store = rank_store(self.num_classes, self.embedding_dim, size, rank, self._store,
                            self.world_size, self.rank, self._initial, self.init_std, self.seed,
-                           mu=self.momentum, weight_decay=self.weight_decay,
-                           offload=self.offload, row_norm=self.row_norm,
-                           row_momentum=self.row_momentum)  # fmt: skip
+                           mu=self.momentum, weight_decay=self.weight_decay, offload=self.offload,
+                           row_norm=self.row_norm, row_momentum=self.row_momentum)  # fmt: skip
         self.rank, self.world_size = rank, size
         self._sampler = self._make_sampler(store.num_rows, state)
         store.place(self._device)
@@ -161,9 +159,7 @@ class SampledClassifier(nn.Module):
         """This rank's rows W (N_r, D) (all N on one process); read-only view of the store."""
         return self._ensure().weight
 
-    @property
-    def metric(self) -> str:
-        return self.head.metric
+    metric = property(lambda self: self.head.metric)  # the head's: "ip" | "cosine"
 
     @property
     def num(self) -> int:
@@ -237,10 +233,8 @@ class SampledClassifier(nn.Module):
 
     @torch.no_grad()
     def step(self, out: ClassifierOutput, lr: float) -> None:
-        """After backward: SGD momentum + weight decay on the rows of ``out`` only (lazy).
-
-        No-op when the forward kept no gradient; a second step on the same output raises.
-        """
+        """After backward: the sparse SGD of ``row_update`` on the rows of ``out`` only; a no-op
+        when the forward kept no gradient; a second step on the same output raises."""
         if out.stepped:
             raise RuntimeError("classifier.step: this output's rows were already updated")
         if out.rows is None or out.rows.grad is None:
@@ -258,8 +252,7 @@ class SampledClassifier(nn.Module):
         """(N_r, D) float32 CPU copy of this rank's rows (its sampler's index is built on it)."""
         return self._ensure().snapshot()
 
-    def pop_touched(self) -> np.ndarray:
-        """Sorted LOCAL ids updated since the last call; resets the mask."""
+    def pop_touched(self) -> np.ndarray:  # sorted LOCAL ids updated since the last call
         return self._ensure().pop_touched()
 
     @torch.no_grad()

@@ -123,12 +123,8 @@ class RowStore:
             raise ValueError(f"row store: weight must be (n, D), got shape {tuple(weight.shape)}")
         self.weight = weight.detach()
         self.row_momentum = check_row_momentum(row_momentum)
-        # "immediate" keeps no momentum: an empty (0, D) buffer, N * D * 4 bytes saved
-        rows = weight.shape[0] if self.row_momentum == "lazy" else 0
-        self.momentum_buffer = torch.zeros(
-            (rows, weight.shape[1]), dtype=weight.dtype, device=weight.device,
-            pin_memory=weight.is_pinned(),
-        )  # fmt: skip
+        kept = weight if self.row_momentum == "lazy" else weight[:0]  # immediate: (0, D), none
+        self.momentum_buffer = torch.zeros_like(kept, pin_memory=weight.is_pinned())
         self.touched = torch.zeros(weight.shape[0], dtype=torch.bool)
         self.start = int(start)
         self.mu = float(mu)
@@ -281,10 +277,9 @@ class RowStore:
     def load_full_(
         self, found: Mapping[str, torch.Tensor], num_classes: int, prefix: str, errors: list[str]
     ) -> None:
-        """Copy rows [start, end) of the full (N, D) ``weight`` / ``momentum`` and (N,)
-        ``touched`` in ``found`` (those present) into this store, keeping device and pinning;
-        a tensor of the wrong shape goes to ``errors`` naming ``prefix + key``. A saved
-        momentum is dropped by an "immediate" store (it keeps none)."""
+        """Copy rows [start, end) of the full (N, D) ``weight`` / ``momentum`` (lazy only) and
+        (N,) ``touched`` in ``found`` (those present), keeping device and pinning; a tensor of
+        the wrong shape goes to ``errors`` naming ``prefix + key``."""
         shape = (num_classes, self.weight.shape[1])
         self.staged = None
         for key, target in (("weight", self.weight), ("momentum", self.momentum_buffer)):

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from hf_softmax.build_worker import WorkerIndex
 from hf_softmax.class_table import table_candidates
 from hf_softmax.classifier import SampledClassifier
 from hf_softmax.dense_classifier import DenseClassifier
 from hf_softmax.heads import build_head
+from hf_softmax.index_files import WorkerIndex
 from hf_softmax.index_maintainer import IndexMaintainer
 from hf_softmax.samplers import build_sampler, exact_topk, recall_at_k
 from hf_softmax.samplers.annoy import AnnoySampler

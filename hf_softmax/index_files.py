@@ -1,0 +1,67 @@
+"""How an index and its class table travel from the build worker to the trainer (files).
+
+``save_index`` / ``load_index``: exact (the rows, ``np.save``), annoy (its own file, loaded
+mmapped: no copy, no parse) and hnsw (hnswlib's file, read whole). ``table_path``: where the
+class-neighbour table goes beside the index file. ``WorkerIndex``: what the trainer holds in
+label mode, where only the table comes back (``hf_softmax.build_worker``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class WorkerIndex:
+    """Label mode, process builds: the index of build ``build`` lives in worker ``pid``,
+    which handed back only its class table; the trainer selects from the table and never
+    queries an index."""
+
+    pid: int | None
+    build: int
+
+
+def save_index(index: Any, path: Path) -> tuple[str, dict[str, Any]]:
+    """Write ``index`` to ``path``; returns (kind, what ``load_index`` needs besides it)."""
+    import torch
+    from annoy import AnnoyIndex
+
+    if isinstance(index, torch.Tensor):  # exact: the (normalised) rows
+        with open(path, "wb") as fh:  # np.save(name) would append ".npy"
+            np.save(fh, index.numpy(), allow_pickle=False)
+        return "tensor", {}
+    if isinstance(index, AnnoyIndex):
+        index.save(str(path))
+        return "annoy", {"dim": index.f}
+    if hasattr(index, "save_index"):  # hnswlib
+        index.save_index(str(path))
+        return "hnsw", {"space": index.space, "dim": index.dim, "n": index.max_elements}
+    raise TypeError(f"build worker: cannot save an index of type {type(index).__name__}")
+
+
+def load_index(kind: str, path: Path, info: dict[str, Any], metric: str) -> Any:
+    """The index ``save_index`` wrote (annoy: mmapped, the file may be unlinked afterwards)."""
+    if kind == "tensor":
+        import torch
+
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    if kind == "annoy":
+        from annoy import AnnoyIndex
+
+        index = AnnoyIndex(info["dim"], {"ip": "dot", "cosine": "angular"}[metric])
+        index.load(str(path))
+        return index
+    import hnswlib
+
+    index = hnswlib.Index(space=info["space"], dim=info["dim"])
+    index.load_index(str(path), max_elements=info["n"])
+    return index
+
+
+def table_path(index_path: str | Path) -> Path:
+    """Where the worker writes the class-neighbour table of the index at ``index_path``."""
+    return Path(f"{index_path}.table.npy")
