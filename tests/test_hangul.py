@@ -93,6 +93,7 @@ def test_run_trains_and_scores_through_train_and_evaluate(built, tmp_path):
         assert 0.0 <= row[key] <= 1.0, key
     assert row["top5"] >= row["top1"] and row["train_s"] > 0
     assert "sampler=auto" in row["command"] and "data.flip=false" in row["command"]
+    assert "trainer.max_epochs=-1" in row["command"]  # the step budget decides, not the demo's 2
     assert row["rows"] == "sphere"  # the default classifier.row_norm: auto, cosine head
     # a second call finds the row and runs nothing
     run_all([job], built[0], steps=3, batch=8, threads=1, work=tmp_path / "runs", results_path=out)

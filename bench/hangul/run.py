@@ -79,6 +79,7 @@ def train_command(job: Job, data: Path, steps: int, batch: int, threads: int, ou
         sys.executable, "train.py", *BASE,
         f"data.path={data}", f"data.batch_size={batch}", f"sampler={job.sampler}",
         f"sampler.num={m}", f"trainer.max_steps={steps}", f"scheduler.total_steps={steps}",
+        "trainer.max_epochs=-1",  # the step budget decides (experiment=demo stops at 2 epochs)
         f"seed={job.seed}", f"torch_threads={threads}", f"hydra.run.dir={out}",
         *job.overrides,
     ]  # fmt: skip
