@@ -83,8 +83,8 @@ def build_classifier(
         if offload:
             raise ValueError("classifier.offload needs a sampled (non-dense) sampler, got 'full'")
         sampler = sampler_partial(num_classes=int(num_classes), metric=head.metric, seed=int(seed))
-        dense_norm = classifier_cfg.get("row_norm")  # auto: the plain reference, free rows
-        dense_norm = None if isinstance(dense_norm, str) else dense_norm
+        dense_norm = classifier_cfg.get("row_norm")
+        dense_norm = None if dense_norm == "auto" else dense_norm  # auto: the plain reference
         return DenseClassifier(sampler=sampler, row_norm=dense_norm, **common)
     classifier = SampledClassifier(
         sampler=sampler_partial,  # called with (num_classes=, metric=, seed=, num=) per shard

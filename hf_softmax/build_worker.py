@@ -157,9 +157,7 @@ def _stop(proc: Any, conn: Any, tmpdir: str, blocks: list[SharedMemory]) -> None
     if conn is not None:
         conn.close()
     while blocks:
-        shm = blocks.pop()
-        shm.close()
-        shm.unlink()
+        _free_block(blocks.pop())
     shutil.rmtree(tmpdir, ignore_errors=True)
 
 
@@ -210,9 +208,7 @@ class BuildWorker:
     def _block(self, nbytes: int) -> SharedMemory:
         """The shared block of ``nbytes``, made on first use and kept (remade when N changes)."""
         if self._blocks and self._blocks[0].size != max(int(nbytes), 1):
-            old = self._blocks.pop()
-            old.close()
-            old.unlink()
+            _free_block(self._blocks.pop())
         if not self._blocks:
             self._blocks.append(_shared_block(nbytes))
         return self._blocks[0]
@@ -231,10 +227,8 @@ class BuildWorker:
         shm = self._block(int(np.prod(shape)) * 4)
         view = np.ndarray(shape, np.float32, buffer=shm.buf)
         try:
-            if isinstance(weights, torch.Tensor):  # any device; the copy releases the GIL
-                torch.from_numpy(view).copy_(weights.detach())
-            else:
-                np.copyto(view, weights, casting="same_kind")
+            # any device or array; torch's copy releases the GIL
+            torch.from_numpy(view).copy_(torch.as_tensor(weights).detach())
             del view  # no view may outlive the block
             try:
                 self._conn.send((kind, shm.name, shape, np.asarray(changed), str(path),
@@ -278,6 +272,11 @@ class BuildWorker:
     def close(self) -> None:
         self._finalizer()
         self._proc = self._conn = None
+
+
+def _free_block(shm: SharedMemory) -> None:
+    shm.close()
+    shm.unlink()
 
 
 def _shared_block(nbytes: int) -> SharedMemory:

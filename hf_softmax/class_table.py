@@ -71,10 +71,10 @@ def neighbour_table(
     return out
 
 
-def batch_order(labels: Any, positives: np.ndarray) -> np.ndarray:
-    """The batch's classes ``positives`` (sorted unique) in the order they first occur in
-    ``labels`` (B,): the order the table rows are taken in, so that trimming drops the
-    classes the loader happened to put last, never the classes with the highest ids."""
+def batch_order(labels: Any) -> np.ndarray:
+    """The batch's classes (unique) in the order they first occur in ``labels`` (B,): the
+    order the table rows are taken in, so that trimming drops the classes the loader happened
+    to put last, never the classes with the highest ids."""
     flat = np.asarray(labels.detach().cpu() if hasattr(labels, "detach") else labels).reshape(-1)
     _, first = np.unique(flat, return_index=True)
     return flat[np.sort(first)].astype(np.int64, copy=False)

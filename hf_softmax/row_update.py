@@ -41,11 +41,16 @@ def check_row_momentum(value: str) -> str:
     return str(value)
 
 
+def tail_lr(lr: float, mu: float) -> float:
+    """How far momentum SGD moves a weight per unit of one gradient over all the following
+    steps: lr * (1 + mu + mu^2 + ...) = lr / (1 - mu) (lr itself without momentum)."""
+    return lr / (1.0 - mu) if mu < 1.0 else lr
+
+
 def auto_row_norm(scale: float, lr: float, momentum: float, batch: int) -> float:
     """``row_norm: auto`` for a cosine head of ``scale`` trained at peak ``lr`` with
     ``momentum`` on batches of ``batch`` (per process): see ``AUTO_TURN``."""
-    total_lr = lr / (1.0 - momentum) if momentum < 1.0 else lr
-    return math.sqrt(total_lr * scale / (max(int(batch), 1) * AUTO_TURN))
+    return math.sqrt(tail_lr(lr, momentum) * scale / (max(int(batch), 1) * AUTO_TURN))
 
 
 def resolve_row_norm(
@@ -101,7 +106,7 @@ def sgd_rows(
     ("lazy") or None ("immediate") and their gradient (M, D) -> (new w, new v or None)."""
     g = grad.add(w, alpha=weight_decay) if weight_decay else grad
     if v is None:
-        w.add_(g, alpha=-lr / (1.0 - mu) if mu < 1.0 else -lr)  # the whole tail at once
+        w.add_(g, alpha=-tail_lr(lr, mu))  # the whole tail at once
     else:
         v = v.mul_(mu).add_(g)
         w.add_(v, alpha=-lr)

@@ -221,7 +221,7 @@ class Sampler:
         self.last_positives = pos
         if from_index > 0 and use_index:
             if self.query_mode == "label":
-                index_ids = self._table_neighbours(batch_order(labels, pos), pos, from_index)
+                index_ids = self._table_neighbours(batch_order(labels), pos, from_index)
             else:
                 index_ids = self._neighbours(features, pos, from_index)
             chosen = np.concatenate([pos, index_ids])
