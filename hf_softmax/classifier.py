@@ -248,9 +248,10 @@ class SampledClassifier(nn.Module):
         return (store.nonfinite(out.row_ids)[:10] + store.start).tolist()
 
     # -- index support (local to the rank) -------------------------------------------------
-    def snapshot_weights(self) -> np.ndarray:
-        """(N_r, D) float32 CPU copy of this rank's rows (its sampler's index is built on it)."""
-        return self._ensure().snapshot()
+    def snapshot_weights(self, as_selected: bool = False) -> np.ndarray:
+        """(N_r, D) float32 CPU copy of this rank's rows (its sampler's index is built on it);
+        as_selected: as the last step's selection saw them (``RowStore.snapshot``)."""
+        return self._ensure().snapshot(as_selected)
 
     def pop_touched(self) -> np.ndarray:  # sorted LOCAL ids updated since the last call
         return self._ensure().pop_touched()

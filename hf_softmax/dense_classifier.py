@@ -20,7 +20,8 @@ from torch import nn
 
 from hf_softmax.heads import MarginHead
 from hf_softmax.output import ClassifierOutput
-from hf_softmax.row_store import argmax_rows, initial_rows, topk_rows
+from hf_softmax.row_search import argmax_rows, topk_rows
+from hf_softmax.row_store import initial_rows
 from hf_softmax.row_update import project_rows, resolve_row_norm
 from hf_softmax.samplers.base import Sampler
 from hf_softmax.samplers.full import FullSampler

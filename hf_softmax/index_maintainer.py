@@ -13,7 +13,8 @@ Schedule (``interval`` in global optimizer steps):
   tied to the global step, not to the last build, so a resumed run rebuilds at the same
   steps as an uninterrupted one;
 - ``on_step_end(step, features)`` every ``probe_every`` steps measures recall@k of the index
-  (label mode: its class-neighbour table) on the step's features (``hf_softmax.recall_probe``);
+  (label mode: its class-neighbour table) on the step's features (``hf_softmax.recall_probe``)
+  against the rows as the step's selection saw them (its own update undone);
   ``adaptive`` rebuilds at the next step when it falls below ``min_recall``,
   ``target_recall`` tunes the query effort or rebuilds early (``hf_softmax.recall_target``).
 
@@ -190,7 +191,8 @@ class IndexMaintainer:
     def probe(self, features: torch.Tensor | np.ndarray) -> tuple[float, int]:
         """(recall@k, k) of the serving index (label mode: its table) on features (B, D)
         (``hf_softmax.recall_probe``)."""
-        recall, k = probe_recall(self.sampler, self.classifier.snapshot_weights(), features,
+        weights = self.classifier.snapshot_weights(as_selected=True)  # rows the step chose in
+        recall, k = probe_recall(self.sampler, weights, features,
                                  self.settings.probe_k, self.settings.exact_chunk_size)  # fmt: skip
         self.probes += 1
         self.last_recall = recall

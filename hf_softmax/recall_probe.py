@@ -1,11 +1,17 @@
 """The recall probe: how many of the true nearest rows the serving index (or table) returns.
 
 Feature mode: recall@k of ``sampler.query`` on a step's features (B, D) against exact top-k
-(``samplers.exact.exact_topk``) over the current rows; k is ``probe_k``, or the k the last
+(``samplers.exact.exact_topk``) over ``weights``; k is ``probe_k``, or the k the last
 selection used. Label mode (``sampler.query=label``, a table installed): recall of the table
-rows of the last batch's classes against their exact K nearest other rows now
-(``class_table.table_recall``, k = ``table_k``): the index's misses and the rows' drift since
-the build together. ``IndexMaintainer`` probes every ``probe_every`` steps and acts on it.
+rows of the last batch's classes against their exact K nearest other rows in ``weights``
+(``class_table.table_recall``, k = ``table_k``). Either way: the index's misses and the rows'
+drift since the build together.
+
+``IndexMaintainer`` probes every ``probe_every`` steps, after the step, with ``weights`` the
+rows as that step's selection saw them: the step's own update is undone
+(``RowStore.snapshot(as_selected=True)``). Against the updated rows, the negatives the step
+served would count as misses just because the step pushed them away from these features
+(0.84 for an exact index rebuilt before every step).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ def probe_recall(
     chunk_size: int = 65536,
 ) -> tuple[float, int]:
     """(recall, k) of ``sampler``'s serving index (feature mode) or table (label mode) against
-    exact neighbours over ``weights`` (N, D) float32, the rows now; features (B, D)."""
+    exact neighbours over ``weights`` (N, D) float32 (see the module docstring); features (B, D)."""
     table = getattr(sampler, "table", None)
     if getattr(sampler, "query_mode", "feature") == "label" and table is not None:
         recall = table_recall(table, weights, sampler.last_positives, sampler.metric, chunk_size)

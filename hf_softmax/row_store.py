@@ -22,6 +22,7 @@ import torch
 
 from hf_softmax.heads import MarginHead
 from hf_softmax.row_prefetch import StagedRows, refresh_staged, stage_rows
+from hf_softmax.row_search import argmax_rows, topk_rows
 from hf_softmax.row_update import check_row_momentum, project_rows, sgd_rows
 
 INIT_BLOCK = 65536  # rows per independently seeded block of the initial W
@@ -49,57 +50,6 @@ def initial_rows(
         out[lo - start : hi - start] = rows[lo - b0 : hi - b0]
         index += 1
     return out
-
-
-@torch.no_grad()
-def argmax_rows(
-    features: torch.Tensor, weight: torch.Tensor, head: MarginHead, chunk_size: int, offset: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """features (B, D), W (n, D) -> (best plain logit (B,), its row id + ``offset`` (B,) int64).
-
-    Rows go to the features' device ``chunk_size`` at a time; ties keep the lowest id.
-    """
-    best = torch.full((features.shape[0],), -float("inf"), device=features.device)
-    best_ids = torch.zeros(features.shape[0], dtype=torch.int64, device=features.device)
-    w = weight.detach()
-    for start in range(0, w.shape[0], chunk_size):
-        rows = w[start : start + chunk_size].to(features.device, non_blocking=True)
-        value, idx = head.plain_logits(features, rows).max(dim=1)
-        better = value > best  # strict: ties keep the lowest id, like argmax
-        best = torch.where(better, value.to(best.dtype), best)
-        best_ids = torch.where(better, idx + start + offset, best_ids)
-    return best, best_ids
-
-
-@torch.no_grad()
-def topk_rows(
-    features: torch.Tensor,
-    weight: torch.Tensor,
-    head: MarginHead,
-    k: int,
-    chunk_size: int,
-    offset: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """features (B, D), W (n, D) -> (k best plain logits (B, k), their row ids + ``offset``
-    (B, k) int64), best first; k is capped at n.
-
-    Rows go to the features' device ``chunk_size`` at a time (W may be memory-mapped or in
-    host memory); the running top-k is merged with each chunk's. Ties within the k best may
-    come in any order (``argmax_rows`` keeps the lowest id).
-    """
-    k = min(int(k), weight.shape[0])
-    best = torch.full((features.shape[0], k), -float("inf"), device=features.device)
-    best_ids = torch.zeros((features.shape[0], k), dtype=torch.int64, device=features.device)
-    w = weight.detach()
-    for start in range(0, w.shape[0], chunk_size):
-        rows = w[start : start + chunk_size].to(features.device, non_blocking=True)
-        logits = head.plain_logits(features, rows)  # (B, c)
-        value, idx = logits.topk(min(k, logits.shape[1]), dim=1)
-        merged = torch.cat([best, value.to(best.dtype)], dim=1)  # (B, k + k')
-        merged_ids = torch.cat([best_ids, idx + start + offset], dim=1)
-        best, pos = merged.topk(k, dim=1)
-        best_ids = merged_ids.gather(1, pos)
-    return best, best_ids
 
 
 class RowStore:
@@ -138,6 +88,7 @@ class RowStore:
         self.num_updates = 0
         self.staged: StagedRows | None = None  # the next step's rows (``prefetch``)
         self.staged_hits = 0  # gathers served from staged rows
+        self.before_step: tuple[torch.Tensor, torch.Tensor] | None = None  # last step_'s rows
 
     @property
     def end(self) -> int:
@@ -231,6 +182,7 @@ class RowStore:
         ids_w = ids.to(weight.device)
         grad = grad.to(weight.device, weight.dtype)  # offload: (M, D) device -> host
         w = weight.index_select(0, ids_w)  # (M, D) copies
+        self.before_step = (ids.cpu(), w.clone())  # for snapshot(as_selected=True)
         v = None if self.row_momentum == "immediate" else momentum.index_select(0, ids_w)
         w, v = sgd_rows(w, v, grad, lr, self.mu, self.weight_decay, self.row_norm)
         if v is not None:
@@ -242,9 +194,15 @@ class RowStore:
             refresh_staged(self.staged, weight, ids)
 
     # -- index support ---------------------------------------------------------------------
-    def snapshot(self) -> np.ndarray:
-        """(n, D) float32 CPU copy of W for index building (safe to read from a thread)."""
-        return self.weight.detach().to("cpu", torch.float32, copy=True).numpy()
+    def snapshot(self, as_selected: bool = False) -> np.ndarray:
+        """(n, D) float32 CPU copy of W for index building (safe to read from a thread).
+        as_selected: the rows the last ``step_`` changed as they were before it, i.e. the rows
+        that step's selection saw (the recall probe's truth)."""
+        w = self.weight.detach().to("cpu", torch.float32, copy=True)
+        if as_selected and self.before_step is not None:
+            ids, rows = self.before_step
+            w[ids] = rows.to("cpu", torch.float32)
+        return w.numpy()
 
     def pop_touched(self) -> np.ndarray:
         """Sorted local ids updated since the last call (int64); clears the mask."""
@@ -281,7 +239,7 @@ class RowStore:
         (N,) ``touched`` in ``found`` (those present), keeping device and pinning; a tensor of
         the wrong shape goes to ``errors`` naming ``prefix + key``."""
         shape = (num_classes, self.weight.shape[1])
-        self.staged = None
+        self.staged = self.before_step = None
         for key, target in (("weight", self.weight), ("momentum", self.momentum_buffer)):
             if key not in found or (key == "momentum" and self.row_momentum != "lazy"):
                 continue

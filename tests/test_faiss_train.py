@@ -26,6 +26,6 @@ def test_faiss_background_rebuilds_and_target_recall(index):
     assert sampler.effort > 1  # nprobe / efSearch raised from 1
     # the probe is recall of the faiss index against exact top-k on the same features
     feats = torch.randn(8, 32)
-    weights = module.classifier.snapshot_weights()
+    weights = module.classifier.snapshot_weights(as_selected=True)  # test_index_maintainer
     expected = recall_at_k(sampler.query(feats.numpy(), 5), exact_topk(weights, feats, 5, "cosine"))
     assert maintainer.probe(feats)[0] == pytest.approx(expected)

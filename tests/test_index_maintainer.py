@@ -77,13 +77,36 @@ def test_probe_matches_exact_reference_and_is_logged():
     clf = make("annoy", ntrees=2, n_jobs=1)
     m = IndexMaintainer(clf, interval=100, background=False, probe_every=2, probe_k=5)
     m.start(0)
-    logged = [x for x in train(clf, m, range(0, 4)) if "index/recall@5" in x]
+    logged = train(clf, m, range(0, 3))
+    seen = clf.snapshot_weights()  # the rows step 3 selects with
+    logged = [x for x in logged + train(clf, m, range(3, 4), seed=1) if "index/recall@5" in x]
     assert len(logged) == 2 and m.probes == 2
     assert logged[-1]["index/recall@5"] == m.last_recall and logged[-1]["index/k"] == 5.0
-    feats = torch.randn(6, D)
-    expected = recall_at_k(clf.sampler.query(feats.numpy(), 5),
-                           exact_topk(clf.snapshot_weights(), feats, 5, "ip"))  # fmt: skip
+    assert not np.array_equal(seen, clf.snapshot_weights())  # step 3 moved rows
+    feats = torch.randn(6, D)  # truth: exact top-k over the rows as step 3's selection saw them
+    expected = recall_at_k(clf.sampler.query(feats.numpy(), 5), exact_topk(seen, feats, 5, "ip"))
     assert m.probe(feats) == (pytest.approx(expected), 5)
+
+
+def test_probe_does_not_count_the_steps_own_update_as_misses():
+    # an exact index rebuilt before every step serves the true top-k: recall 1.0 at every
+    # probe, though each step pushed its negatives away (against the updated rows: < 1)
+    clf = make("exact")
+    m = IndexMaintainer(clf, interval=1, background=False, probe_every=1)
+    m.start(0)
+    g = torch.Generator().manual_seed(0)
+    after = []
+    for step in range(6):
+        m.on_step_start(step)
+        feats = torch.randn(B, D, generator=g).requires_grad_(True)
+        out = clf(feats, torch.randint(N, (B,), generator=g))
+        out.loss.backward()
+        clf.step(out, 0.5)
+        assert m.on_step_end(step + 1, feats.detach())["index/recall@k"] == 1.0
+        k = clf.sampler.last_k
+        served = clf.sampler.query(feats.detach().numpy(), k)
+        after.append(recall_at_k(served, exact_topk(clf.snapshot_weights(), feats, k, "ip")))
+    assert min(after) < 1.0
 
 
 def test_probe_k_null_measures_at_the_steps_k():
@@ -92,7 +115,7 @@ def test_probe_k_null_measures_at_the_steps_k():
     m.start(0)
     logged = train(clf, m, range(0, 1))[-1]
     assert logged["index/k"] == float(clf.sampler.last_k)
-    assert 0.5 < logged["index/recall@k"] <= 1.0  # exact as of the step start; rows moved since
+    assert logged["index/recall@k"] == 1.0  # exact over the rows the step selected with
 
 
 def test_adaptive_rebuilds_at_the_next_step():

@@ -206,7 +206,7 @@ def test_recall_probe_is_logged_and_matches_reference():
     # the probe is recall of sampler.query against exact top-k on the same features
     feats = torch.randn(8, 32)
     sampler = module.classifier.sampler
-    weights = module.classifier.snapshot_weights()
+    weights = module.classifier.snapshot_weights(as_selected=True)  # test_index_maintainer
     expected = recall_at_k(sampler.query(feats.numpy(), 5), exact_topk(weights, feats, 5, "cosine"))
     assert cb.maintainer.probe(feats)[0] == pytest.approx(expected)
 

@@ -3,7 +3,7 @@
 Two sources of labelled images: the held-out split of training (``holdout_loader``: the same
 ``data.val_fraction`` and seed as training) and labelled ``.rec`` files (``rec_loader``, the
 ``top1_rec`` option). Rows are scored in chunks, so W (N, D) may stay memory-mapped, by the row
-store's chunked ``hf_softmax.row_store.topk_rows`` (one pass over W gives top-5, and top-1 is
+store's chunked ``hf_softmax.row_search.topk_rows`` (one pass over W gives top-5, and top-1 is
 its first column). Features use ``embed.flip_embed``.
 """
 
@@ -26,7 +26,7 @@ from hf_softmax.evaluation.checkpoint import LoadedCheckpoint, classifier_rows
 from hf_softmax.evaluation.embed import flip_embed
 from hf_softmax.evaluation.errors import EvaluateError
 from hf_softmax.heads import MarginHead
-from hf_softmax.row_store import topk_rows
+from hf_softmax.row_search import topk_rows
 
 TOPK = 5  # closed-set top-k reported next to top-1
 
