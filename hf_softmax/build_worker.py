@@ -16,23 +16,21 @@ waits (both release the GIL):
 3. the trainer loads the file: annoy ``load`` mmaps it (no copy, no parse), hnswlib reads
    it (a copy of the graph, made while hnswlib holds the GIL: at 10^6 x 256 a few hundred
    ms), exact ``np.load``; the maintainer swaps the index in at the next step start.
-   In label mode (``sampler.query=label``) the worker computes the class-neighbour table
-   from the fresh index and hands back only the table (``<index file>.table.npy``, mmapped
-   by the trainer): label selection reads nothing else, so the index stays in the worker
-   (``WorkerIndex`` stands for it) and the trainer never loads, holds or frees one. At
-   10^6 classes freeing the previous mmapped annoy index was the longest stall of a
-   feature-mode swap (docs/bench/selection_notes.md); in label mode there is none.
+   In label mode (``sampler.query=label``) the worker hands back only the class-neighbour
+   table it computes from the fresh index (``<index file>.table.npy``, mmapped by the
+   trainer); the index stays in the worker (``WorkerIndex`` stands for it): the trainer
+   never loads, holds or frees one.
 
 The query effort that ``target_recall`` tunes in the trainer goes with every request.
-
-Split the cores: ``torch_threads`` for the trainer, ``build_threads`` for the worker, e.g.
-``torch_threads=1 callbacks.index_rebuild.build_threads=1`` on 2 cores. The worker sets its
-own torch/OpenMP threads to ``build_threads`` too.
+Split the cores: ``torch_threads`` for the trainer, ``build_threads`` for the worker (also
+its torch/OpenMP threads), e.g. ``torch_threads=1 callbacks.index_rebuild.build_threads=1``.
 
 A worker that dies (killed, out of memory) fails that rebuild with an error naming its exit
-code instead of hanging; the next rebuild starts a new worker (a full build). Shared memory
-is unlinked and index files deleted after each rebuild; ``close()`` stops the worker and
-removes its temporary directory (also at interpreter exit).
+code instead of hanging; the next rebuild starts a new worker (a full build). The trainer
+never deletes an index file it mapped: the worker deletes the files of all builds but the
+last when the next request comes (by then the trainer has dropped them), so the pages are
+freed in the worker, not in a training step. ``close()`` stops the worker, frees the shared
+block and removes its temporary directory (also at interpreter exit).
 """
 
 from __future__ import annotations
@@ -52,7 +50,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hf_softmax.index_files import WorkerIndex, load_index, save_index, table_path
+from hf_softmax.index_files import (
+    WorkerIndex,
+    keep_last_files,
+    load_index,
+    save_index,
+    table_path,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -104,6 +108,7 @@ def _serve(conn: Any, cls: type, kwargs: dict[str, Any], threads: int | None) ->
 
     sampler = cls(**kwargs)
     refreshes = cls.refresh is not Sampler.refresh
+    written: list[Path] = []  # this worker's index files, oldest first
     while True:
         try:
             msg = conn.recv()
@@ -112,6 +117,7 @@ def _serve(conn: Any, cls: type, kwargs: dict[str, Any], threads: int | None) ->
         if msg is None:
             return
         kind, shm_name, shape, changed, path, effort = msg
+        written = keep_last_files(written) + [Path(path)]
         shm = SharedMemory(name=shm_name)
         t0 = time.perf_counter()
         try:
@@ -245,9 +251,10 @@ class BuildWorker:
             if saved == "worker":
                 return WorkerIndex(self.pid, self._count), done, table
             return load_index(saved, path, info, self.sampler.metric), done, table
-        finally:
-            path.unlink(missing_ok=True)  # an mmapped annoy index keeps its pages
+        except BaseException:  # nothing maps the files: delete them now
+            path.unlink(missing_ok=True)
             table_path(path).unlink(missing_ok=True)
+            raise
 
     def _wait(self) -> Any:
         while not self._conn.poll(_POLL_S):

@@ -4,6 +4,7 @@
 mmapped: no copy, no parse) and hnsw (hnswlib's file, read whole). ``table_path``: where the
 class-neighbour table goes beside the index file. ``WorkerIndex``: what the trainer holds in
 label mode, where only the table comes back (``hf_softmax.build_worker``).
+``keep_last_files``: the worker deletes the files the trainer no longer maps.
 """
 
 from __future__ import annotations
@@ -65,3 +66,15 @@ def load_index(kind: str, path: Path, info: dict[str, Any], metric: str) -> Any:
 def table_path(index_path: str | Path) -> Path:
     """Where the worker writes the class-neighbour table of the index at ``index_path``."""
     return Path(f"{index_path}.table.npy")
+
+
+def keep_last_files(written: list[Path]) -> list[Path]:
+    """The worker, at a new request: delete the index files (and tables) of every build in
+    ``written`` (oldest first) but the last, the only one the trainer may still map (a
+    request comes after the previous build was swapped in); returns what is kept. Deleting
+    there frees their pages in the worker: in the trainer, the munmap of an unlinked file
+    freed them inside a step (28 ms at 10^6 classes in label mode)."""
+    for old in written[:-1]:
+        old.unlink(missing_ok=True)
+        table_path(old).unlink(missing_ok=True)
+    return written[-1:]

@@ -246,6 +246,28 @@ def test_process_build_in_label_mode_hands_back_only_the_table(name):
     assert not os.path.exists(f"/dev/shm/{block}")  # freed with the worker
 
 
+@pytest.mark.parametrize("query", ["feature", "label"])
+def test_process_builds_keep_only_the_files_of_the_last_two_builds(query):
+    """The trainer never deletes a file it maps (its munmap would free the pages inside a
+    step); the worker deletes the older builds' files at its next request."""
+    clf = make("annoy", ntrees=2, n_jobs=1, query=query, table_k=4)
+    m = IndexMaintainer(clf, interval=100, background="process", probe_every=0, build_threads=1)
+    m.start(0)  # build 1
+    try:
+        for step in (100, 200, 300):  # builds 2, 3, 4
+            train(clf, m, range(step - 1, step))
+            m.on_step_start(step)
+            m.wait(step)
+        tmp = m.worker.tmpdir
+        suffix = ".table.npy" if query == "label" else ""
+        assert sorted(os.listdir(tmp)) == [f"index-3{suffix}", f"index-4{suffix}"]
+        out = clf(torch.randn(B, D), torch.arange(B))  # the served build 4 is intact
+        assert out.active.ids.numel() == M and m.failures == 0
+    finally:
+        m.close()
+    assert not os.path.exists(tmp)
+
+
 class CrashingAnnoy(AnnoySampler):
     """A real Annoy sampler whose build kills its process (as the OOM killer would) while
     the file ``crash_marker`` exists; the crash removes the file first."""
