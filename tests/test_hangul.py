@@ -95,6 +95,7 @@ def test_run_trains_and_scores_through_train_and_evaluate(built, tmp_path):
     assert "sampler=auto" in row["command"] and "data.flip=false" in row["command"]
     assert "trainer.max_epochs=-1" in row["command"]  # the step budget decides, not the demo's 2
     assert row["rows"] == "sphere"  # the default classifier.row_norm: auto, cosine head
+    assert row["probe"] == "selected rows"  # recall against the rows the steps selected with
     # a second call finds the row and runs nothing
     run_all([job], built[0], steps=3, batch=8, threads=1, work=tmp_path / "runs", results_path=out)
     assert len(load_results(out)["rows"]) == 1
@@ -117,3 +118,15 @@ def test_report_tables_split_by_row_rule_and_full_joins_each():
     for rule in ("mixed", "sphere"):
         assert [r["label"] for r in groups[(0.02, 10, 4, rule)]] == ["auto", "random", "full"]
     assert list(group_by_budget([row("full", "full", "free")])) == [(0.02, 10, 4, "mixed")]
+
+
+def test_report_marks_recall_probed_against_the_updated_rows():
+    from bench.hangul.report import summarise
+
+    def row(label, recall, probe=None):
+        r = {"label": label, "num": 4, "top1": 0.5, "train_s": 1.0, "recall": recall}
+        return r if probe is None else {**r, "probe": probe}
+
+    got = {s["label"]: s["recall_text"] for s in summarise(
+        [row("old", 0.6), row("new", 0.9, "selected rows"), row("random", None)])}  # fmt: skip
+    assert got == {"old": "0.60*", "new": "0.90", "random": None}

@@ -55,6 +55,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             vals = [r[key] for r in rs if r.get(key) is not None]
             s[key] = statistics.fmean(vals) if vals else None
         s["top1_text"] = _spread([r["top1"] for r in rs])
+        old_probe = any(r.get("probe") is None for r in rs)  # see run.PROBE
+        s["recall_text"] = None if s["recall"] is None else f"{s['recall']:.2f}" + "*" * old_probe
         s["vs_random"] = None if base_top1 is None else 100 * (s["top1"] - base_top1)
         s["time_ratio"] = None if not base_time else s["train_s"] / base_time
         out.append(s)
@@ -72,7 +74,10 @@ def render(results: dict[str, Any], plot_name: str = "hangul.png", out_dir: Path
         "the held-out faces (`test.rec`), 10-fold verification on `pairs.bin` (easy) and "
         "`pairs_lookalike.bin`. Train time is the whole `train.py` process (runs shared the "
         "2 cores with other jobs: compare times only roughly). Every run's command: "
-        "`docs/bench/hangul.json`.",
+        "`docs/bench/hangul.json`. Recall is the mean of the logged `index/recall@k`; `*`: "
+        "probed against the rows after the step's own update (before 2026-11-27), which "
+        "counted the negatives the step had just pushed away as misses; otherwise against "
+        "the rows the step selected with.",
     ]
     columns = [
         ("label", "run", None),
@@ -84,7 +89,7 @@ def render(results: dict[str, Any], plot_name: str = "hangul.png", out_dir: Path
         ("lookalike", "verif. look-alike %", _pct),
         ("train_s", "train s", lambda v: f"{v:.0f}"),
         ("time_ratio", "time / random", lambda v: f"{v:.2f}×"),
-        ("recall", "recall@k (logged)", lambda v: f"{v:.2f}"),
+        ("recall_text", "recall@k (logged)", None),
     ]
     # one table per budget and row rule: runs are comparable only at the same M/N, steps and
     # batch, and with rows that move by the same rule

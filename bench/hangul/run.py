@@ -105,6 +105,11 @@ def _run(cmd: list[str], log_path: Path) -> float:
     return time.perf_counter() - t0
 
 
+# what the logged recall was measured against (rows without the field: "updated rows", the
+# probe before 2026-11-27, which counted the negatives the step had just pushed away as misses)
+PROBE = "selected rows"
+
+
 def logged_recall(run_dir: Path) -> float | None:
     """Mean of the ``index/recall@k`` values the run's CSV logger wrote (None if none)."""
     values: list[float] = []
@@ -148,6 +153,7 @@ def run_job(job: Job, cmd: list[str], run_dir: Path, data: Path) -> dict[str, An
         "lookalike": metrics.get("pairs_lookalike/acc"),
         "train_s": train_s,
         "recall": logged_recall(run_dir),
+        "probe": PROBE,
         "rows": row_rule(run_dir),
     }
     log.info("%s: top1 %.4f lookalike %.4f (%.0f s)", job.name, row["top1"] or math.nan,
