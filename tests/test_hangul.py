@@ -85,6 +85,11 @@ def test_run_trains_and_scores_through_train_and_evaluate(built, tmp_path):
 
     job = parse_job("auto rf0.5:sampler=auto sampler.random_fraction=0.5", 0.5, seed=0)
     assert (job.sampler, job.overrides) == ("auto", ["sampler.random_fraction=0.5"])
+    # run folders are plain Hydra values (a comma would make hydra.run.dir a list)
+    assert (
+        parse_job("auto, every step (i=1):sampler=auto", 0.5, 0).name
+        == "auto_every_step_i1_-f0.5-s0"
+    )
     out = tmp_path / "hangul.json"
     run_all([job], built[0], steps=3, batch=8, threads=1, work=tmp_path / "runs", results_path=out)
     (row,) = load_results(out)["rows"]

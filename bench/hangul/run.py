@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -63,7 +64,8 @@ class Job:
 
     @property
     def name(self) -> str:
-        safe = self.label.replace(" ", "_").replace("/", "-").replace("=", "")
+        # a folder name Hydra's override grammar takes as one plain value
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.label.replace("/", "-").replace("=", ""))
         return f"{safe}-f{self.fraction:g}-s{self.seed}"
 
 
