@@ -27,7 +27,7 @@ class IndexRebuild(pl.Callback):
 
     def __init__(
         self,
-        interval: int | str = 20,
+        interval: int = 20,
         background: bool | str = "auto",
         probe_every: int = 50,
         probe_k: int | None = None,
@@ -47,9 +47,8 @@ class IndexRebuild(pl.Callback):
         self._loaded: dict[str, Any] = {}  # checkpoint state read before the maintainer exists
 
     @property
-    def interval(self) -> int | str:
-        """Steps between rebuilds (resolved once training started; "auto" may stay before)."""
-        return self.maintainer.interval if self.maintainer else self.settings.interval
+    def interval(self) -> int:
+        return self.settings.interval
 
     def _log(self, pl_module: pl.LightningModule, metrics: dict[str, float]) -> None:
         if not metrics or not pl_module.trainer.training:

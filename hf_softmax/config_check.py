@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from hf_softmax.config_keys import check_moved
-from hf_softmax.rebuild_settings import check_interval
 from hf_softmax.row_update import check_row_momentum, resolve_row_norm
 from hf_softmax.samplers import check_sampler_kwargs, sampler_class
 from hf_softmax.schedule import SCHEDULES
@@ -47,7 +46,13 @@ def check_config(cfg: Mapping[str, Any], num_classes: int | None = None) -> None
         raise ValueError(
             f"unknown backbone {backbone!r} (model=...); valid names: {sorted(BACKBONES)}"
         )
-    check_interval(_node(cfg, "callbacks", "index_rebuild").get("interval", "auto"))
+    rebuild = _node(cfg, "callbacks", "index_rebuild")
+    interval = rebuild.get("interval", 1)
+    if interval is None or int(interval) < 1:
+        raise ValueError(
+            f"callbacks.index_rebuild.interval must be >= 1 (steps between rebuilds), got "
+            f"{interval}"
+        )
     check_row_rule(_node(cfg, "classifier"), _node(cfg, "head"))
     num = sampler.get("num")
     if num is None or int(num) < 1:

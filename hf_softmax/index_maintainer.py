@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from hf_softmax.index_build import BuildJob, run_build
-from hf_softmax.rebuild_settings import RebuildRecord, RebuildSettings, resolve_interval
+from hf_softmax.rebuild_settings import RebuildRecord, RebuildSettings
 from hf_softmax.recall_probe import probe_recall
 from hf_softmax.recall_target import RecallTarget
 
@@ -101,12 +101,6 @@ class IndexMaintainer:
         """The ``BuildWorker`` of ``background: process`` (None until its first build)."""
         return self._worker
 
-    @property
-    def interval(self) -> int:
-        """Steps between scheduled rebuilds (``rebuild_settings.resolve_interval``; for
-        ``auto`` known once the sampler's backend is, at ``start``)."""
-        return resolve_interval(self.settings.interval, self.mode() == "inline")
-
     def mode(self) -> str:
         """How the next rebuild runs: "inline", "thread" or "process"."""
         bg = self.settings.background
@@ -151,7 +145,7 @@ class IndexMaintainer:
         self.last_build_step = step
         self.history.append(RebuildRecord(step, step, job.seconds, "build", False))
         log.info("built the %s index over %d classes in %.2fs (interval %d, background %s)",
-                 sampler.name, sampler.num_classes, job.seconds, self.interval,
+                 sampler.name, sampler.num_classes, job.seconds, self.settings.interval,
                  self.settings.background)  # fmt: skip
         return {}
 
@@ -160,7 +154,7 @@ class IndexMaintainer:
         if not self.active:
             return {}
         metrics = self._collect(step, wait=False)
-        due = step % self.interval == 0 and step != self.last_build_step
+        due = step % self.settings.interval == 0 and step != self.last_build_step
         if due or self._pending:
             if self.busy:
                 self.skipped_busy += int(due)

@@ -10,28 +10,6 @@ from dataclasses import dataclass
 
 BACKGROUND_MODES = ("auto", "thread", "process")
 _KEY = "callbacks.index_rebuild"
-AUTO_INTERVAL = 20  # interval "auto" for built indexes (annoy, hnsw, faiss, exact in a thread)
-
-
-def check_interval(interval: int | str | None) -> int | str:
-    """-> ``interval`` as an int >= 1 or "auto", or ValueError naming the key."""
-    if interval == "auto":
-        return "auto"
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise ValueError(
-            f"{_KEY}.interval must be 'auto' or an integer >= 1 (steps between rebuilds), got "
-            f"{interval!r}"
-        )
-    return int(interval)
-
-
-def resolve_interval(interval: int | str, inline: bool) -> int:
-    """Steps between rebuilds: ``interval``, or for "auto" 1 where the build runs inline (exact:
-    its "index" is a copy of the rows, cheaper than the step's exact query, so every step
-    selects from the rows as they are) and ``AUTO_INTERVAL`` otherwise."""
-    if interval != "auto":
-        return int(interval)
-    return 1 if inline else AUTO_INTERVAL
 
 
 @dataclass
@@ -50,8 +28,7 @@ class RebuildRecord:
 
 @dataclass
 class RebuildSettings:
-    """interval: global steps between scheduled rebuilds (>= 1), or "auto"
-    (``resolve_interval``: every step for inline builds, else ``AUTO_INTERVAL``).
+    """interval: global steps between scheduled rebuilds (>= 1).
     background: False (build inside the step), True / "thread" (a thread of this process),
     "process" (a spawned build worker, ``hf_softmax.build_worker``), "auto" (inline for
     samplers whose ``inline_build`` is true, e.g. exact; a thread otherwise).
@@ -62,7 +39,7 @@ class RebuildSettings:
     background build (None: the sampler's own knob, e.g. annoy ``n_jobs``).
     """
 
-    interval: int | str = AUTO_INTERVAL
+    interval: int = 20
     background: bool | str = "auto"
     probe_every: int = 50
     probe_k: int | None = None
@@ -74,7 +51,8 @@ class RebuildSettings:
     build_threads: int | None = None
 
     def __post_init__(self) -> None:
-        self.interval = check_interval(self.interval)
+        if int(self.interval) < 1:
+            raise ValueError(f"{_KEY}.interval must be >= 1, got {self.interval}")
         if int(self.probe_every) < 0:
             raise ValueError(f"{_KEY}.probe_every must be >= 0, got {self.probe_every}")
         if self.probe_k is not None and int(self.probe_k) < 1:
@@ -99,6 +77,7 @@ class RebuildSettings:
             self.background = bool(self.background)
         if self.build_threads is not None and int(self.build_threads) < 1:
             raise ValueError(f"{_KEY}.build_threads must be >= 1 or null, got {self.build_threads}")
+        self.interval = int(self.interval)
         self.probe_every = int(self.probe_every)
         self.probe_k = None if self.probe_k is None else int(self.probe_k)
         self.adaptive = bool(self.adaptive)

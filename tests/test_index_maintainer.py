@@ -88,33 +88,6 @@ def test_probe_matches_exact_reference_and_is_logged():
     assert m.probe(feats) == (pytest.approx(expected), 5)
 
 
-@pytest.mark.parametrize(("name", "background", "every"), [
-    ("exact", "auto", 1),  # inline: a copy of the rows, so every step selects from them as now
-    ("auto", "auto", 1),  # auto chose exact (known at start)
-    ("exact", "process", 20),
-    ("annoy", "auto", 20),  # a thread build
-])  # fmt: skip
-def test_interval_auto_rebuilds_inline_builds_every_step(name, background, every):
-    knobs = {"annoy": {"ntrees": 2, "n_jobs": 1}}.get(name, {})
-    clf = make(name, **knobs)
-    m = IndexMaintainer(clf, interval="auto", background=background, probe_every=0,
-                        build_threads=1)  # fmt: skip
-    try:
-        m.start(0)
-        assert m.interval == every
-        train(clf, m, range(0, 3))
-        m.wait(3)
-        assert [r.start_step for r in m.history] == ([0, 1, 2] if every == 1 else [0])
-    finally:
-        m.close()
-
-
-def test_interval_must_be_auto_or_a_positive_integer():
-    for bad in (0, -1, "often", 2.5, None, True):
-        with pytest.raises(ValueError, match="interval must be 'auto' or an integer >= 1"):
-            IndexMaintainer(make("exact"), interval=bad)
-
-
 def test_probe_does_not_count_the_steps_own_update_as_misses():
     # an exact index rebuilt before every step serves the true top-k: recall 1.0 at every
     # probe, though each step pushed its negatives away (against the updated rows: < 1)
