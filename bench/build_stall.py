@@ -15,6 +15,7 @@ build worker, ``hf_softmax.build_worker``, given ``build_threads`` cores).
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import time
@@ -60,6 +61,7 @@ def stall(
     num: int = 1000,
     baseline_steps: int = 30,
     seed: int = 0,
+    gc_freeze: bool = True,
     **knobs: Any,
 ) -> dict[str, Any]:
     """Steps while the maintainer rebuilds ``name``'s index over ``w`` (N, D) in ``mode``.
@@ -67,7 +69,9 @@ def stall(
     refresh: the timed rebuild is the maintainer's refresh of the rows the warm-up and
     baseline steps touched (hnsw), else a full build. prebuilt: an index already built over
     ``w`` installed instead of the synchronous first build (thread mode only: in process
-    mode the worker makes the first build, and keeps it for its refreshes).
+    mode the worker makes the first build, and keeps it for its refreshes). gc_freeze: freeze
+    the objects alive before the timed steps out of Python's full GC passes, as
+    ``callbacks.gc_freeze`` does in training.
     """
     n, d = w.shape
     head = build_head("linear")
@@ -100,6 +104,9 @@ def stall(
         clf.pop_touched()
     else:
         m.start(0)
+    if gc_freeze:  # as train.py's callbacks.gc_freeze does at train start
+        gc.collect()
+        gc.freeze()
     for i in range(3):
         step(i, i + 1)
     base = [step(i, i + 4) for i in range(baseline_steps)]
@@ -121,6 +128,7 @@ def stall(
     after = [step(i + j, 2 * FAR + i + j) for j in range(10)]
     rec = m.records()[-1]
     m.close()
+    gc.unfreeze()
     base_med = float(np.median(base))
     res = {
         "index": name,
@@ -142,6 +150,7 @@ def stall(
         "swap_step_s": during[-1],
         "median_after_s": float(np.median(after)),
         "stall_s": float(np.max(during)) - base_med,
+        "gc_freeze": gc_freeze,
     }
     res["max_over_median"] = res["max_during_s"] / base_med
     res["met"] = res["max_over_median"] <= 2.0
@@ -152,7 +161,7 @@ def stall(
 def run(
     sizes: list[int], dim: int = 256, modes: tuple[str, ...] = ("thread", "process"),
     indexes: tuple[str, ...] = ("annoy", "hnsw"), build_threads: int = 1,
-    queries: tuple[str, ...] = ("feature",),
+    queries: tuple[str, ...] = ("feature",), gc_freeze: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     clock = RunClock()
     rows = []
@@ -163,7 +172,7 @@ def run(
             for query in queries:
                 for mode in modes:
                     rows.append(stall(name, w, mode, build_threads, refresh=name == "hnsw",
-                                      query=query, **knobs))  # fmt: skip
+                                      query=query, gc_freeze=gc_freeze, **knobs))  # fmt: skip
                     free_memory()
         del w
         free_memory()
@@ -208,11 +217,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--queries", nargs="+", default=["feature"], choices=["feature", "label"],
                    help="label: the build also makes the class table (process: the only "
                         "thing handed back)")  # fmt: skip
+    p.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                   help="leave every object in Python's full GC passes (train.py freezes the "
+                        "ones alive at train start: callbacks.gc_freeze)")  # fmt: skip
     p.add_argument("--out", default="build_stall")
     args = p.parse_args(argv)
     setup_run(args.threads)
     data = run(args.n, args.d, tuple(args.modes), tuple(args.indexes), args.build_threads,
-               tuple(args.queries))  # fmt: skip
+               tuple(args.queries), args.gc_freeze)  # fmt: skip
     write_json(args.out, data)
     print(render(data))
     return data
