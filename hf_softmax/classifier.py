@@ -239,7 +239,7 @@ class SampledClassifier(nn.Module):
             raise RuntimeError("classifier.step: this output's rows were already updated")
         if out.rows is None or out.rows.grad is None:
             return
-        self._ensure().step_(out.row_ids, out.rows.grad, lr)
+        self._ensure().step_(out.row_ids, out.rows.grad, lr, out.rows)
         out.stepped = True
 
     def nonfinite_rows(self, out: ClassifierOutput) -> list[int]:
@@ -249,8 +249,7 @@ class SampledClassifier(nn.Module):
 
     # -- index support (local to the rank) -------------------------------------------------
     def snapshot_weights(self, as_selected: bool = False) -> np.ndarray:
-        """(N_r, D) float32 CPU copy of this rank's rows (its sampler's index is built on it);
-        as_selected: as the last step's selection saw them (``RowStore.snapshot``)."""
+        """(N_r, D) float32 CPU copy of this rank's rows (``RowStore.snapshot``)."""
         return self._ensure().snapshot(as_selected)
 
     def pop_touched(self) -> np.ndarray:  # sorted LOCAL ids updated since the last call

@@ -191,7 +191,7 @@ class IndexMaintainer:
     def probe(self, features: torch.Tensor | np.ndarray) -> tuple[float, int]:
         """(recall@k, k) of the serving index (label mode: its table) on features (B, D)
         (``hf_softmax.recall_probe``)."""
-        weights = self.classifier.snapshot_weights(as_selected=True)  # rows the step chose in
+        weights = self.classifier.snapshot_weights(as_selected=True)  # as the step selected
         recall, k = probe_recall(self.sampler, weights, features,
                                  self.settings.probe_k, self.settings.exact_chunk_size)  # fmt: skip
         self.probes += 1

@@ -174,15 +174,18 @@ class RowStore:
         self.staged = stage_rows(self.weight, ids, torch.device(device))
 
     @torch.no_grad()
-    def step_(self, ids: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+    def step_(
+        self, ids: torch.Tensor, grad: torch.Tensor, lr: float, seen: torch.Tensor | None = None
+    ) -> None:
         """In place on the rows ``ids`` (M,) local only, grad (M, D) on any device:
         ``row_update.sgd_rows`` (lazy: ``g = grad + wd * w;  v = mu * v + g;  w -= lr * v``);
-        the rows are marked touched."""
+        the rows are marked touched. seen: the rows W[ids] the step computed with (its
+        ``gather``, kept by reference for ``snapshot(as_selected=True)``; None: copied here)."""
         weight, momentum = self.weight, self.momentum_buffer
         ids_w = ids.to(weight.device)
         grad = grad.to(weight.device, weight.dtype)  # offload: (M, D) device -> host
         w = weight.index_select(0, ids_w)  # (M, D) copies
-        self.before_step = (ids.cpu(), w.clone())  # for snapshot(as_selected=True)
+        self.before_step = (ids.cpu(), w.clone() if seen is None else seen.detach())
         v = None if self.row_momentum == "immediate" else momentum.index_select(0, ids_w)
         w, v = sgd_rows(w, v, grad, lr, self.mu, self.weight_decay, self.row_norm)
         if v is not None:
