@@ -135,3 +135,21 @@ def test_report_marks_recall_probed_against_the_updated_rows():
     got = {s["label"]: s["recall_text"] for s in summarise(
         [row("old", 0.6), row("new", 0.9, "selected rows"), row("random", None)])}  # fmt: skip
     assert got == {"old": "0.60*", "new": "0.90", "random": None}
+
+
+def test_a_side_results_file_leaves_the_docs_alone(tmp_path, capsys):
+    import argparse
+    import json
+
+    from bench.common import OUT_DIR
+    from bench.hangul.cli_run import run_main
+
+    row = {"label": "auto", "sampler": "auto", "fraction": 0.02, "num": 4, "seed": 0,
+           "steps": 10, "batch": 4, "top1": 0.5, "train_s": 1.0, "rows": "sphere"}  # fmt: skip
+    side = tmp_path / "side.json"
+    side.write_text(json.dumps({"rows": [row]}))
+    docs = OUT_DIR / "hangul.md"
+    before = docs.stat().st_mtime_ns if docs.exists() else None
+    assert run_main(argparse.Namespace(report=True, results=side)) == 0
+    assert "| auto | 4 |" in capsys.readouterr().out and (tmp_path / "side.png").exists()
+    assert (docs.stat().st_mtime_ns if docs.exists() else None) == before
