@@ -87,16 +87,18 @@ def stall(
         pool.append((torch.from_numpy(feats), torch.from_numpy(labels)))
 
     hooks: list[float] = []  # the maintainer's share of each step (swap, old index dropped)
+    cpu: list[float] = []  # each step's CPU time in this thread (wall >> cpu: it waited)
 
     def step(i: int, at: int) -> float:
         """One training step at global step ``at``, with the maintainer's step-start hook."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         m.on_step_start(at)
         hooks.append(time.perf_counter() - t0)
         f, y = pool[i % len(pool)]
         out = clf(f.detach().requires_grad_(True), y)
         out.loss.backward()
         clf.step(out, LR)
+        cpu.append(time.thread_time() - c0)
         return time.perf_counter() - t0
 
     if prebuilt is not None and mode == "thread":
@@ -112,6 +114,7 @@ def stall(
     base = [step(i, i + 4) for i in range(baseline_steps)]
     during: list[float] = []
     hooks.clear()
+    cpu.clear()
     done_before = m.builds + m.refreshes
     t_start = time.perf_counter()
     i = 0
@@ -146,6 +149,7 @@ def stall(
         "max_during_s": float(np.max(during)),
         "longest_at": int(np.argmax(during)),  # 0: the trigger step, steps_during - 1: swap
         "max_hook_s": float(np.max(hooks[: len(during)])),
+        "longest_cpu_s": cpu[int(np.argmax(during))],  # ~ longest: computing, not waiting
         "first_step_s": during[0],
         "swap_step_s": during[-1],
         "median_after_s": float(np.median(after)),

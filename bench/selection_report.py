@@ -126,6 +126,7 @@ def stall_section(data: dict[str, Any]) -> list[str]:
         ("base_step_s", "step ms (no build)", _ms),
         ("median_during_s", "median ms (during)", _ms),
         ("max_during_s", "longest ms", _ms),
+        ("longest_cpu_s", "its CPU ms", _ms),
         ("max_over_median", "longest / median", lambda v: f"{v:.1f}"),
         ("machine", "machine", None),
     ]
