@@ -39,6 +39,7 @@ from bench.common import (  # noqa: E402
     setup_run,
     write_json,
 )
+from callbacks.gc_freeze import freeze_live_objects  # noqa: E402
 from hf_softmax.classifier import SampledClassifier  # noqa: E402
 from hf_softmax.heads import build_head  # noqa: E402
 from hf_softmax.index_maintainer import IndexMaintainer  # noqa: E402
@@ -107,8 +108,7 @@ def stall(
     else:
         m.start(0)
     if gc_freeze:  # as train.py's callbacks.gc_freeze does at train start
-        gc.collect()
-        gc.freeze()
+        freeze_live_objects()
     for i in range(3):
         step(i, i + 1)
     base = [step(i, i + 4) for i in range(baseline_steps)]

@@ -17,6 +17,13 @@ import gc
 import pytorch_lightning as pl
 
 
+def freeze_live_objects() -> int:
+    """Collect, then move every live object to the permanent generation; -> how many."""
+    gc.collect()  # what is garbage now is freed, not frozen
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 class FreezeGC(pl.Callback):
     """``enabled``: freeze at train start (``callbacks.gc_freeze.enabled=false``: off)."""
 
@@ -26,9 +33,7 @@ class FreezeGC(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled:
-            gc.collect()  # what is garbage now is freed, not frozen
-            gc.freeze()
-            self.frozen = gc.get_freeze_count()
+            self.frozen = freeze_live_objects()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._unfreeze()
@@ -39,6 +44,6 @@ class FreezeGC(pl.Callback):
         self._unfreeze()
 
     def _unfreeze(self) -> None:
-        if self.enabled and self.frozen:
+        if self.frozen:  # only ever set when enabled
             gc.unfreeze()
             self.frozen = 0
