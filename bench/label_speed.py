@@ -3,11 +3,13 @@
 One step = select + forward/backward of the head + sparse update (``SampledClassifier``):
 features (B, D) near their classes' rows, labels uniform. Modes: ``random``; ``feature``
 (the paper's per-feature query, annoy; exact too where N x D is small); ``label`` (the
-class-neighbour table, a lookup); ``full`` (dense logits over all N, SGD on W). The index
-and table builds are timed separately (``build_s``, ``table_s``); the sampled modes take
-turns step by step, so a swing in a shared machine's load hits them alike. ``table_paths`` times the
-table's query over the first ``--table-rows`` rows by vector (the old way) and by the
-sampler's ``query_rows`` (annoy: by item id over the build threads).
+class-neighbour table, a lookup); ``mixed<s>`` (label mode with ``feature_share`` s: the
+first s of the batch also query per feature); ``full`` (dense logits over all N, SGD on
+W). The index and table builds are timed separately (``build_s``, ``table_s``); the
+sampled modes take turns step by step, so a swing in a shared machine's load hits them
+alike. ``table_paths`` times the table's query over the first ``--table-rows`` rows by
+vector (the old way) and by the sampler's ``query_rows`` (annoy: by item id over the build
+threads).
 
     nice python -m bench.label_speed --sizes 100000 1000000 --steps 20
 
@@ -118,7 +120,15 @@ def table_paths(sampler: Any, index: Any, rows: np.ndarray, q: int) -> dict[str,
 
 
 def run_size(
-    n: int, d: int, b: int, m: int, steps: int, full_max: int, exact_max: int, table_rows: int
+    n: int,
+    d: int,
+    b: int,
+    m: int,
+    steps: int,
+    full_max: int,
+    exact_max: int,
+    table_rows: int,
+    shares: list[float],
 ) -> dict:
     rows = family_rows(n, d)
     data = batches(rows, b, steps)
@@ -141,6 +151,12 @@ def run_size(
         feature.swap(sampler.index)  # the same index, queried per feature
         samplers[f"label_{kind}"], samplers[f"feature_{kind}"] = sampler, feature
         costs[f"label_{kind}"], costs[f"feature_{kind}"] = cost, {"build_s": cost["build_s"]}
+        for share in shares:  # label mode with a share of per-feature queries
+            cfg = sampler_config(kind, m, query="label", random_fraction=0.0,
+                                 feature_share=share, **knobs)  # fmt: skip
+            mixed = build_sampler(cfg, n, "ip")
+            mixed.swap(sampler.index, sampler.table)  # the same index and table
+            samplers[f"mixed{share:g}_{kind}"], costs[f"mixed{share:g}_{kind}"] = mixed, cost
     for mode, times in sampled_steps(rows, samplers, data).items():
         record(mode, times, **costs[mode])
     del samplers
@@ -165,12 +181,15 @@ def main() -> None:
     ap.add_argument("--full-max", type=int, default=1_000_000, help="largest N timed dense")
     ap.add_argument("--exact-max", type=int, default=30_000_000, help="largest N x D for exact")
     ap.add_argument("--table-rows", type=int, default=20_000, help="rows timed both table ways")
+    ap.add_argument("--shares", type=float, nargs="*", default=[0.25, 0.5],
+                    help="label mode with these feature_share values too")  # fmt: skip
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--name", default="label_speed")
     args = ap.parse_args()
     setup_run(args.threads)
     results = [run_size(n, args.dim, args.batch, args.num, args.steps, args.full_max,
-                        args.exact_max, args.table_rows) for n in args.sizes]  # fmt: skip
+                        args.exact_max, args.table_rows, args.shares)
+               for n in args.sizes]  # fmt: skip
     path = write_json(args.name, {"machine": machine_info(), "args": vars(args),
                                   "results": results})  # fmt: skip
     log.info("wrote %s", path)

@@ -39,11 +39,11 @@ def label_speed_section(data: dict[str, Any]) -> list[str]:
     """Step time per selection mode, one table per N, with the issue's targets checked."""
     lines = [
         "Command: `OMP_NUM_THREADS=1 python -m bench.label_speed --sizes 100000 1000000 "
-        "--steps 20 --exact-max 0 --threads 1` (D = 256, B = 256, M = 1000, CPU, one torch "
-        "thread; the modes take turns step by step, on the same rows and batches; medians "
-        "over the timed steps; targets at N = 10^6). `build s` is the index build, `table s` "
-        "the class "
-        "table built from it (label mode: every class's `table_k` = 16 nearest rows).",
+        "--steps 20 --exact-max 0 --threads 1 --shares 0.25 0.5` (D = 256, B = 256, M = 1000, "
+        "CPU, one torch thread; the modes take turns step by step, on the same rows and "
+        "batches; medians over the timed steps; targets at N = 10^6). `build s` is the index "
+        "build, `table s` the class table built from it (label mode: every class's `table_k` "
+        "= 16 nearest rows); `mixed<s>` is label mode with `feature_share` s.",
     ]
     cols = [
         ("mode", "mode", None),

@@ -19,7 +19,8 @@ waits (both release the GIL):
    In label mode (``sampler.query=label``) the worker hands back only the class-neighbour
    table it computes from the fresh index (``<index file>.table.npy``, mmapped by the
    trainer); the index stays in the worker (``WorkerIndex`` stands for it): the trainer
-   never loads, holds or frees one.
+   never loads, holds or frees one. With a ``feature_share`` the steps also query the index,
+   so both come back.
 
 The query effort that ``target_recall`` tunes in the trainer goes with every request.
 Split the cores: ``torch_threads`` for the trainer, ``build_threads`` for the worker (also
@@ -133,10 +134,11 @@ def _serve(conn: Any, cls: type, kwargs: dict[str, Any], threads: int | None) ->
             del weights  # no view may outlive the block
             if refreshes:  # kept: the next refresh starts from it
                 sampler.swap(index)
-            if table is None:
+            if sampler.queries_features:
                 saved, info = save_index(index, Path(path))
             else:  # label mode: the table alone goes back; the index stays here
                 saved, info = "worker", {}
+            if table is not None:
                 with open(table_path(path), "wb") as fh:
                     np.save(fh, table, allow_pickle=False)
             info["table"] = table is not None

@@ -9,6 +9,13 @@ The positives are taken in batch order (``batch_order``), as feature mode takes 
 in sorted order a budget smaller than the batch would only ever serve the lowest class ids.
 It needs only the labels, so the step can be selected ahead (``classifier.prefetch``).
 
+``sampler.feature_share`` = s > 0 mixes in the paper's per-feature query: the first
+ceil(s * B) samples of the batch query the index with their features for s of the index's
+share of M (``Sampler.select``), the table fills the rest. A table is per class; the
+confusions are per image (each image's nearest wrong rows differ with its font, pose,
+lighting), and only a feature query finds those. It costs s of feature mode's query, and the
+step can no longer be selected ahead (it needs the features).
+
 The table asks the index about its own rows (``Sampler.query_rows``): annoy by item id
 (``get_nns_by_item``, no vector conversion, GIL released) over the build threads; hnsw and
 exact by the rows' vectors, batched (hnsw's C++ threads; exact's chunked matmul, its batch
@@ -29,13 +36,18 @@ QUERY_MODES = ("feature", "label")
 TABLE_BATCH = 4096  # rows queried per call while building a table
 
 
-def check_label_knobs(name: str, query: str, table_k: int) -> tuple[str, int]:
-    """-> (query, table_k) of sampler ``name``, or ValueError naming the expected values."""
+def check_label_knobs(
+    name: str, query: str, table_k: int, feature_share: float = 0.0
+) -> tuple[str, int, float]:
+    """-> (query, table_k, feature_share) of sampler ``name``, or ValueError naming the
+    expected values."""
     if query not in QUERY_MODES:
         raise ValueError(f"sampler {name!r}: query must be one of {QUERY_MODES}, got {query!r}")
     if int(table_k) < 1:
         raise ValueError(f"sampler {name!r}: table_k must be >= 1, got {table_k}")
-    return str(query), int(table_k)
+    if not 0.0 <= float(feature_share) <= 1.0:
+        raise ValueError(f"sampler {name!r}: feature_share must be in [0, 1], got {feature_share}")
+    return str(query), int(table_k), float(feature_share)
 
 
 def drop_self(ids: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -59,6 +59,7 @@ def test_every_index_sampler_yaml_has_the_label_knobs():
     for name in INDEX_SAMPLERS:
         cfg = yaml.safe_load((CONF / f"{name}.yaml").read_text())
         assert cfg["query"] == "feature" and cfg["table_k"] >= 1, name
+        assert cfg["feature_share"] == 0.0, name
     with pytest.raises(ValueError, match="query must be one of"):
         make("exact", 100, 10, query="labels")
 

@@ -112,7 +112,11 @@ LABEL_AHEAD = ["sampler=exact", "sampler.query=label", "sampler.table_k=4",
                "classifier.prefetch=true"]  # fmt: skip
 
 
-@pytest.mark.parametrize("mode", [[], LABEL_AHEAD], ids=["feature", "label_ahead"])
+# label mode with a share of per-feature queries: selected in the step (prefetch asks, in vain)
+MIXED = LABEL_AHEAD + ["sampler.feature_share=0.5"]
+
+
+@pytest.mark.parametrize("mode", [[], LABEL_AHEAD, MIXED], ids=["feature", "label_ahead", "mixed"])
 def test_resume_equals_uninterrupted(tmp_path, mode):
     """K steps + resume + K steps == 2K steps (K = one epoch: Lightning resumes map-style data
     at epoch boundaries; the module reseeds data order and flips from (seed, epoch))."""

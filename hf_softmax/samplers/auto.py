@@ -44,7 +44,8 @@ class AutoSampler(Sampler):
     ) -> None:
         super().__init__(num_classes, num, metric, seed, **selection)
         self.exact_max_elements = int(exact_max_elements)
-        mode = {"query": self.query_mode, "table_k": self.table_k}  # the backend builds tables
+        mode = {"query": self.query_mode, "table_k": self.table_k,
+                "feature_share": self.feature_share}  # the backend builds tables  # fmt: skip
         self.backends: dict[str, Sampler] = {
             "exact": ExactSampler(num_classes, num, metric, seed, chunk_size, **mode),
             "annoy": AnnoySampler(

@@ -52,7 +52,9 @@ class Sampler:
     index_after, correction: the selection knobs (``active_set.check_selection_knobs``).
     query: "feature" (each feature's nearest rows, queried per step) or "label" (the
     positives' rows of the class-neighbour table, K = ``table_k`` per class, built with the
-    index). Subclasses take their own knobs and pass ``**selection`` on, so
+    index); feature_share (label mode): the share of the index's negatives that the first
+    ceil(feature_share * B) samples query per feature, the table filling the rest.
+    Subclasses take their own knobs and pass ``**selection`` on, so
     ``conf/sampler/<name>.yaml`` (``_partial_: true``) holds M, the selection knobs and the
     kind's knobs; N, the metric and the seed are given when the data is known.
     """
@@ -82,8 +84,11 @@ class Sampler:
         correction: str = "none",
         query: str = "feature",
         table_k: int = 16,
+        feature_share: float = 0.0,
     ) -> None:
-        self.query_mode, self.table_k = check_label_knobs(self.name, query, table_k)
+        self.query_mode, self.table_k, self.feature_share = check_label_knobs(
+            self.name, query, table_k, feature_share
+        )
         if metric not in METRICS:
             raise ValueError(
                 f"sampler {self.name!r}: metric must be one of {METRICS}, got {metric!r}"
@@ -161,8 +166,15 @@ class Sampler:
 
     @property
     def selects_ahead(self) -> bool:
-        """Selection needs only the labels (label mode): a step can be selected ahead."""
-        return self.needs_index and self.query_mode == "label"
+        """Selection needs only the labels (label mode, no feature share): a step can be
+        selected ahead."""
+        return self.needs_index and self.query_mode == "label" and self.feature_share == 0
+
+    @property
+    def queries_features(self) -> bool:
+        """A step queries the index with features (feature mode, or label mode with a
+        ``feature_share``): the training process needs the index itself, not only the table."""
+        return self.query_mode == "feature" or self.feature_share > 0
 
     def build_table(self, index: Any, weights: np.ndarray) -> np.ndarray | None:
         """The (N, table_k) int32 class-neighbour table from a built ``index`` over
@@ -220,7 +232,9 @@ class Sampler:
         from_index = negatives - int(round(self.random_fraction * negatives))
         self.last_positives = pos
         if from_index > 0 and use_index:
-            if self.query_mode == "label":
+            if self.query_mode == "label" and self.feature_share > 0 and features is not None:
+                index_ids = self._mixed_neighbours(features, labels, pos, from_index)
+            elif self.query_mode == "label":
                 index_ids = self._table_neighbours(batch_order(labels), pos, from_index)
             else:
                 index_ids = self._neighbours(features, pos, from_index)
@@ -242,11 +256,26 @@ class Sampler:
 
     def _table_neighbours(self, order: np.ndarray, pos: np.ndarray, want: int) -> np.ndarray:
         """Label mode: up to ``want`` ids of the table rows of the positives ``order`` (in
-        batch order; ``pos`` sorted), rank-major, deduped, no positive."""
+        batch order), rank-major, deduped, none of ``pos`` (the positives, any order, and
+        any ids already taken)."""
         table = self._table  # read once: a swap cannot tear it
         if table is None:
             return self._fallback()
         return table_candidates(table, order, want, pos)
+
+    def _mixed_neighbours(
+        self, features: torch.Tensor, labels: torch.Tensor, pos: np.ndarray, want: int
+    ) -> np.ndarray:
+        """Label mode with a feature share s: round(s * want) ids from the per-feature query
+        of the first ceil(s * B) samples (rank-major), then the table rows of the positives
+        (batch order, rank-major), each id once, no positive, up to ``want`` in all."""
+        share = self.feature_share
+        queried = features[: max(1, math.ceil(share * features.shape[0]))]
+        want_f = int(round(share * want))
+        by_feature = self._neighbours(queried, pos, want_f) if want_f else pos[:0]
+        taken = np.concatenate([pos, by_feature])
+        by_table = self._table_neighbours(batch_order(labels), taken, want - by_feature.size)
+        return np.concatenate([by_feature, by_table])
 
     def _neighbours(self, features: torch.Tensor, pos: np.ndarray, want: int) -> np.ndarray:
         """Up to ``want`` neighbour ids of the batch, not in ``pos``, rank-major order."""
