@@ -63,6 +63,7 @@ def stall(
     baseline_steps: int = 30,
     seed: int = 0,
     gc_freeze: bool = True,
+    control: bool = False,
     **knobs: Any,
 ) -> dict[str, Any]:
     """Steps while the maintainer rebuilds ``name``'s index over ``w`` (N, D) in ``mode``.
@@ -72,7 +73,9 @@ def stall(
     ``w`` installed instead of the synchronous first build (thread mode only: in process
     mode the worker makes the first build, and keeps it for its refreshes). gc_freeze: freeze
     the objects alive before the timed steps out of Python's full GC passes, as
-    ``callbacks.gc_freeze`` does in training.
+    ``callbacks.gc_freeze`` does in training. control: after the build, as many steps again
+    with no build running, so that the longest of them shows what this machine does to one
+    step in that many without any build (``control_max_s``).
     """
     n, d = w.shape
     head = build_head("linear")
@@ -129,6 +132,7 @@ def stall(
             raise TimeoutError(f"background {name} build did not finish in 30 min")
     wall = time.perf_counter() - t_start
     after = [step(i + j, 2 * FAR + i + j) for j in range(10)]
+    quiet = [step(j, 2 * FAR + i + 10 + j) for j in range(len(during) if control else 0)]
     rec = m.records()[-1]
     m.close()
     gc.unfreeze()
@@ -157,6 +161,10 @@ def stall(
         "gc_freeze": gc_freeze,
     }
     res["max_over_median"] = res["max_during_s"] / base_med
+    if quiet:  # the same number of steps, no build: the machine's own outliers
+        res["control_max_s"] = float(np.max(quiet))
+        res["control_median_s"] = float(np.median(quiet))
+        res["control_max_over_median"] = res["control_max_s"] / base_med
     res["met"] = res["max_over_median"] <= 2.0
     log.info("%s", res)
     return res
@@ -165,7 +173,7 @@ def stall(
 def run(
     sizes: list[int], dim: int = 256, modes: tuple[str, ...] = ("thread", "process"),
     indexes: tuple[str, ...] = ("annoy", "hnsw"), build_threads: int = 1,
-    queries: tuple[str, ...] = ("feature",), gc_freeze: bool = True,
+    queries: tuple[str, ...] = ("feature",), gc_freeze: bool = True, control: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     clock = RunClock()
     rows = []
@@ -176,7 +184,8 @@ def run(
             for query in queries:
                 for mode in modes:
                     rows.append(stall(name, w, mode, build_threads, refresh=name == "hnsw",
-                                      query=query, gc_freeze=gc_freeze, **knobs))  # fmt: skip
+                                      query=query, gc_freeze=gc_freeze, control=control,
+                                      **knobs))  # fmt: skip
                     free_memory()
         del w
         free_memory()
@@ -224,11 +233,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
                    help="leave every object in Python's full GC passes (train.py freezes the "
                         "ones alive at train start: callbacks.gc_freeze)")  # fmt: skip
+    p.add_argument("--control", action="store_true",
+                   help="after each build, as many steps again with no build (the machine's "
+                        "own longest step in that many)")  # fmt: skip
     p.add_argument("--out", default="build_stall")
     args = p.parse_args(argv)
     setup_run(args.threads)
     data = run(args.n, args.d, tuple(args.modes), tuple(args.indexes), args.build_threads,
-               tuple(args.queries), args.gc_freeze)  # fmt: skip
+               tuple(args.queries), args.gc_freeze, args.control)  # fmt: skip
     write_json(args.out, data)
     print(render(data))
     return data

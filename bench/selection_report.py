@@ -128,6 +128,7 @@ def stall_section(data: dict[str, Any]) -> list[str]:
         ("max_during_s", "longest ms", _ms),
         ("longest_cpu_s", "its CPU ms", _ms),
         ("max_over_median", "longest / median", lambda v: f"{v:.1f}"),
+        ("control_max_over_median", "no build: longest / median", lambda v: f"{v:.1f}"),
         ("machine", "machine", None),
     ]
     loads = [r.get("loadavg_before", [None])[0] for r in data.get("runs", [])]
