@@ -142,6 +142,18 @@ def bench_index(kind, clf, batches, args, fixed: int) -> dict[str, Any]:
     row["query_s"], row["k"] = time.perf_counter() - t0, k
     truth = exact_topk(weights, feats[:64], k, "ip")
     row["recall"] = recall_at_k(found[:64], truth)
+    if kind == "annoy" and args.search_k:  # what the query effort buys (target_recall's knob)
+        row["search_k_sweep"] = []
+        for effort in args.search_k:
+            sampler.search_k = int(effort)
+            t0 = time.perf_counter()
+            found = sampler.query(feats, k)
+            spent = time.perf_counter() - t0
+            row["search_k_sweep"].append({"search_k": int(effort), "query_s": spent,
+                                          "recall": recall_at_k(found[:64], truth)})  # fmt: skip
+            log.info("annoy search_k %d: query %.1f ms, recall@%d %.3f", effort, 1e3 * spent, k,
+                     row["search_k_sweep"][-1]["recall"])  # fmt: skip
+        sampler.search_k = -1  # the step below runs at the default
     clf.sampler = sampler
     row["step_s"] = time_steps(clf, batches, args.steps)
     log.info("%s: query %.1f ms (k=%d, recall@k %.3f), step %.1f ms", kind, 1e3 * row["query_s"],
@@ -193,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--nlist", type=int, default=4096, help="ivf cells")
     p.add_argument("--nprobe", type=int, default=16)
     p.add_argument("--ntrees", type=int, default=10)
+    p.add_argument("--search-k", type=int, nargs="*", default=[],
+                   help="annoy: also query at these search_k (query time, recall)")  # fmt: skip
     p.add_argument("--probe-rows", type=int, default=200_000, help="annoy size/time probe")
     p.add_argument("--max-build-s", type=float, default=1200.0)
     p.add_argument("--steps", type=int, default=10)

@@ -8,7 +8,8 @@ reads them):
   the dense baseline, side by side at N = 1e5 / 1e6;
 - ``python -m bench.build_stall`` -> ``build_stall.json``: steps while an index build runs in
   a thread or in the build process;
-- ``python -m bench.index_scale`` -> ``index_scale.json``: an index over 10^7 rows in host RAM;
+- ``python -m bench.index_scale`` -> ``index_scale.json``: an index over 10^7 rows in host RAM
+  (``index_scale_annoy.json``: annoy alone on an idle machine, with a ``--search-k`` sweep);
 - ``python -m bench.accuracy --query ...`` -> ``accuracy_label.json``: label vs feature
   selection on the synthetic hard-negative task.
 
@@ -29,6 +30,10 @@ GIB = 2**30
 
 def _ms(v: float | None) -> str:
     return "–" if v is None else f"{1000 * v:.1f}"
+
+
+def _two(v: float) -> str:
+    return f"{v:.2f}"
 
 
 def _ratio(v: float | None) -> str:
@@ -171,7 +176,19 @@ def scale_section(data: dict[str, Any]) -> list[str]:
             }
         )
     cols = [(k, k.replace("_", " "), None) for k in rows[0]] if rows else []
-    return [*lines, markdown_table(rows, cols)] if rows else lines
+    lines += [markdown_table(rows, cols)] if rows else []
+    for r in data.get("results", []):  # annoy's query effort against its recall
+        sweep = [
+            {"search_k": "-1 (default)", "query_s": r.get("query_s"), "recall": r.get("recall")}
+        ]
+        sweep += r.get("search_k_sweep", [])
+        if len(sweep) > 1:
+            lines += ["", f"{r['index']}: query effort of one batch of {meta.get('batch')} "
+                      f"features at k = {r.get('k')} (recall@k against exact top-k on 64):", "",
+                      markdown_table(sweep, [("search_k", "search_k", None),
+                                             ("query_s", "query ms", _ms),
+                                             ("recall", "recall", _two)])]  # fmt: skip
+    return lines
 
 
 def _plot(label: dict[str, Any] | None, stall: dict[str, Any] | None) -> str | None:
@@ -225,6 +242,9 @@ def render() -> str | None:
     if scale:
         parts += ["### 10^7 classes in host RAM (`bench/index_scale.py`)", ""]
         parts += scale_section(scale) + [""]
+    annoy_scale = read_json("index_scale_annoy")  # annoy built and swept on an idle machine
+    if annoy_scale:
+        parts += scale_section(annoy_scale) + [""]
     plot = _plot(label, stall)
     if plot:
         parts += [f"![selection cost](bench/{plot})"]
