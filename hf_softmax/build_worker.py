@@ -19,8 +19,7 @@ waits (both release the GIL):
    In label mode (``sampler.query=label``) the worker hands back only the class-neighbour
    table it computes from the fresh index (``<index file>.table.npy``, mmapped by the
    trainer); the index stays in the worker (``WorkerIndex`` stands for it): the trainer
-   never loads, holds or frees one. With a ``feature_share`` the steps also query the index,
-   so both come back.
+   never loads, holds or frees one (with a ``feature_share`` both come back).
 
 The query effort that ``target_recall`` tunes in the trainer goes with every request.
 Split the cores: ``torch_threads`` for the trainer, ``build_threads`` for the worker (also

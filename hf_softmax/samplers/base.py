@@ -38,13 +38,14 @@ from hf_softmax.samplers.active_set import (
     rank_major_candidates,
     uniform_fill,
 )
+from hf_softmax.samplers.state import SamplerState
 
 log = logging.getLogger(__name__)
 
 METRICS = ("ip", "cosine")
 
 
-class Sampler:
+class Sampler(SamplerState):
     """Base class; subclasses override ``build_index`` / ``query`` (index samplers) or ``select``.
 
     num_classes: N; num: M (active classes per step); metric: "ip" | "cosine" (must match the
@@ -287,35 +288,6 @@ class Sampler:
         self.last_k = k  # the k a step really uses (recall probes measure at it)
         nbrs = self.query(np.ascontiguousarray(feats), k)  # (B, k)
         return rank_major_candidates(nbrs, pos, want)
-
-    # -- selection ahead (``SampledClassifier``, label mode) --------------------------------
-    def selection_state(self) -> dict[str, Any]:
-        """What a ``select`` changes (RNG, counters), to undo a select made ahead."""
-        return {"rng": self.generator.get_state(), "num_selects": self.num_selects,
-                "num_fallbacks": self.num_fallbacks, "swaps": self.num_swaps}  # fmt: skip
-
-    def restore_selection(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["rng"])
-        self.num_selects, self.num_fallbacks = state["num_selects"], state["num_fallbacks"]
-
-    # -- checkpoint ------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """RNG state and counters; never the index (it is rebuilt after loading)."""
-        return {
-            "rng": self.generator.get_state(),
-            "num": self.num,
-            "num_selects": self.num_selects,
-            "num_fallbacks": self.num_fallbacks,
-            "num_swaps": self.num_swaps,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(torch.as_tensor(state["rng"], dtype=torch.uint8).cpu())
-        if "num" in state:
-            self.num = int(state["num"])
-        self.num_selects = int(state.get("num_selects", 0))
-        self.num_fallbacks = int(state.get("num_fallbacks", 0))
-        self.num_swaps = int(state.get("num_swaps", 0))
 
     def __repr__(self) -> str:
         return (
