@@ -169,7 +169,7 @@ class Sampler(SamplerState):
     def selects_ahead(self) -> bool:
         """Selection needs only the labels (label mode, no feature share): a step can be
         selected ahead."""
-        return self.needs_index and self.query_mode == "label" and self.feature_share == 0
+        return self.needs_index and not self.queries_features
 
     @property
     def queries_features(self) -> bool:
