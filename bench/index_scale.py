@@ -143,7 +143,7 @@ def bench_index(kind, clf, batches, args, fixed: int) -> dict[str, Any]:
     truth = exact_topk(weights, feats[:64], k, "ip")
     row["recall"] = recall_at_k(found[:64], truth)
     if kind == "annoy" and args.search_k:  # what the query effort buys (target_recall's knob)
-        row["search_k_sweep"] = []
+        row["search_k_sweep"], default = [], sampler.search_k
         for effort in args.search_k:
             sampler.search_k = int(effort)
             t0 = time.perf_counter()
@@ -153,7 +153,7 @@ def bench_index(kind, clf, batches, args, fixed: int) -> dict[str, Any]:
                                           "recall": recall_at_k(found[:64], truth)})  # fmt: skip
             log.info("annoy search_k %d: query %.1f ms, recall@%d %.3f", effort, 1e3 * spent, k,
                      row["search_k_sweep"][-1]["recall"])  # fmt: skip
-        sampler.search_k = -1  # the step below runs at the default
+        sampler.search_k = default  # the step below runs at the configured effort
     clf.sampler = sampler
     row["step_s"] = time_steps(clf, batches, args.steps)
     log.info("%s: query %.1f ms (k=%d, recall@k %.3f), step %.1f ms", kind, 1e3 * row["query_s"],
