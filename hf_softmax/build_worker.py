@@ -12,10 +12,12 @@ waits (both release the GIL):
    as in a build thread (the index is approximate anyway; the row is marked touched again);
 2. the worker builds (or refreshes: it keeps the index it built last, so an hnsw refresh
    copies no graph in the training process) with its own threads, ``build_threads`` of
-   them (annoy ``n_jobs``, hnsw ``num_threads``), and saves the index to a file;
+   them (annoy ``n_jobs``, hnsw ``num_threads``, faiss ``threads``), and saves the index to
+   a file (faiss: built on the CPU there, ``FaissSampler.worker_knobs``);
 3. the trainer loads the file: annoy ``load`` mmaps it (no copy, no parse), hnswlib reads
    it (a copy of the graph, made while hnswlib holds the GIL: at 10^6 x 256 a few hundred
-   ms), exact ``np.load``; the maintainer swaps the index in at the next step start.
+   ms), faiss ``read_index`` (ivf lists mmapped), exact ``np.load``; the maintainer swaps
+   the index in at the next step start.
    In label mode (``sampler.query=label``) the worker hands back only the class-neighbour
    table it computes from the fresh index (``<index file>.table.npy``, mmapped by the
    trainer); the index stays in the worker (``WorkerIndex`` stands for it): the trainer
@@ -63,7 +65,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_BUILD_THREAD_KNOBS = ("n_jobs", "num_threads")  # annoy, hnsw
+_BUILD_THREAD_KNOBS = ("n_jobs", "num_threads", "threads")  # annoy, hnsw, faiss
 _POLL_S = 0.2  # how often a waiting trainer thread checks that the worker still lives
 
 
@@ -74,7 +76,7 @@ def sampler_spec(sampler: Any, build_threads: int | None) -> tuple[type, dict[st
     name (or the one ``knob_attributes`` maps it to); ``build_threads`` replaces the
     build-thread knob.
     """
-    target = getattr(sampler, "backend", None) or sampler
+    target = sampler.builder
     cls = type(target)
     renamed = getattr(cls, "knob_attributes", {})
     kwargs: dict[str, Any] = {}
@@ -95,6 +97,7 @@ def sampler_spec(sampler: Any, build_threads: int | None) -> tuple[type, dict[st
             break
     if build_threads is not None:
         kwargs.update({k: int(build_threads) for k in _BUILD_THREAD_KNOBS if k in kwargs})
+    kwargs.update(getattr(cls, "worker_knobs", {}))  # e.g. faiss builds on the CPU there
     return cls, kwargs
 
 

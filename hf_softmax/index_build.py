@@ -50,17 +50,21 @@ class BuildJob:
             self.done.set()
 
 
-def run_build(job: BuildJob, sampler: Any, weights: Any, changed: np.ndarray) -> None:
-    """Build or refresh into ``job``; ``weights``: (N, D) snapshot or a function returning it."""
+def run_build(
+    job: BuildJob, sampler: Any, weights: Any, changed: np.ndarray, built: Any = None
+) -> None:
+    """Build or refresh into ``job``; ``weights``: (N, D) snapshot or a function returning it.
+    ``built``: an index already built over ``weights`` (``Sampler.prepare``): only its table
+    is made."""
     with job.recording():
         if callable(weights):
             weights = weights()
-        index = None
-        if job.kind == "refresh" and sampler.has_index:
-            index = sampler.refresh(weights, changed)
-        job.kind_done = "refresh"
+        index = built
+        job.kind_done = "build"
+        if index is None and job.kind == "refresh" and sampler.has_index:
+            index = sampler.refresh(weights, changed)  # None: the sampler declines
+            job.kind_done = "build" if index is None else "refresh"
         if index is None:
-            job.kind_done = "build"
             index = sampler.build_index(weights)
         job.table = sampler.build_table(index, weights)  # None in feature mode
         job.index = index

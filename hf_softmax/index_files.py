@@ -1,7 +1,8 @@
 """How an index and its class table travel from the build worker to the trainer (files).
 
 ``save_index`` / ``load_index``: exact (the rows, ``np.save``), annoy (its own file, loaded
-mmapped: no copy, no parse) and hnsw (hnswlib's file, read whole). ``table_path``: where the
+mmapped: no copy, no parse), faiss (``write_index``; an ivf index's lists are mmapped on
+loading) and hnsw (hnswlib's file, read whole). ``table_path``: where the
 class-neighbour table goes beside the index file. ``WorkerIndex``: what the trainer holds in
 label mode, where only the table comes back (``hf_softmax.build_worker``).
 ``keep_last_files``: the worker deletes the files the trainer no longer maps.
@@ -38,6 +39,11 @@ def save_index(index: Any, path: Path) -> tuple[str, dict[str, Any]]:
     if isinstance(index, AnnoyIndex):
         index.save(str(path))
         return "annoy", {"dim": index.f}
+    if type(index).__module__.startswith("faiss"):  # a CPU faiss index
+        import faiss
+
+        faiss.write_index(index, str(path))
+        return "faiss", {}
     if hasattr(index, "save_index"):  # hnswlib
         index.save_index(str(path))
         return "hnsw", {"space": index.space, "dim": index.dim, "n": index.max_elements}
@@ -56,6 +62,10 @@ def load_index(kind: str, path: Path, info: dict[str, Any], metric: str) -> Any:
         index = AnnoyIndex(info["dim"], {"ip": "dot", "cosine": "angular"}[metric])
         index.load(str(path))
         return index
+    if kind == "faiss":  # inverted lists mmapped (ivf); the file may be unlinked afterwards
+        import faiss
+
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     import hnswlib
 
     index = hnswlib.Index(space=info["space"], dim=info["dim"])

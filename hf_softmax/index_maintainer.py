@@ -80,6 +80,7 @@ class IndexMaintainer:
         self._job: BuildJob | None = None
         self._pending = False
         self._worker: Any = None  # the build process, started on the first process build
+        self._choice: dict[str, Any] | None = None  # a checkpoint's sampler choice (auto)
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -116,6 +117,10 @@ class IndexMaintainer:
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {name: getattr(self, name) for name in COUNTERS}
         state["last_recall"] = self.last_recall
+        live = self.classifier is not None and self.active  # not yet attached: as loaded
+        choice = (live and self.sampler.choice) or self._choice
+        if choice:  # auto's backend (and effort): a resume builds the same
+            state["sampler_choice"] = choice
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -123,6 +128,7 @@ class IndexMaintainer:
             if name in state:
                 setattr(self, name, int(state[name]))
         self.last_recall = float(state.get("last_recall", float("nan")))
+        self._choice = state.get("sampler_choice")  # restored into the sampler by start()
 
     # -- hooks -----------------------------------------------------------------------------
     def start(self, step: int) -> dict[str, float]:
@@ -132,8 +138,15 @@ class IndexMaintainer:
         sampler = self.sampler
         self.classifier.pop_touched()
         job = BuildJob(start_step=step, kind="build", background=False)
+        target = None if self.target is None else self.target.target
+        sampler.choice = self._choice  # auto: the backend of the checkpoint, no new race
+        shape = tuple(self.classifier.weight.shape)
+        ready = sampler.prepare(shape, self.classifier.snapshot_weights, target)  # auto: backend
         if self.mode() == "process":  # built by the worker, which keeps it to refresh it
+            ready = None  # the worker builds its own (it keeps the index); free this one
             self._process_worker().run(job, self.classifier, np.empty(0, np.int64))
+        elif ready is not None:  # prepare built it over a snapshot: no second build
+            run_build(job, sampler, ready[1], np.empty(0, np.int64), built=ready[0])
         else:
             run_build(job, sampler, self.classifier.snapshot_weights(), np.empty(0, np.int64))
         if job.error is not None:

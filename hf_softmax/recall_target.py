@@ -24,6 +24,12 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+def effort_cap(base: int, num_classes: int, max_factor: int = 1024) -> int:
+    """The most query effort worth trying: ``max_factor`` x the default ``base``, never past
+    N (an exhaustive search), never below ``base``."""
+    return max(base, min(max_factor * base, int(num_classes)))
+
+
 @dataclass
 class RecallTarget:
     """target: wanted recall@k in (0, 1]. fresh_steps: probes this close to a swap judge the
@@ -57,7 +63,7 @@ class RecallTarget:
             if base is None:
                 return None  # exact: a fresh index has perfect recall; nothing to raise
             current = base if effort is None or effort < 0 else int(effort)
-            cap = max(base, min(self.max_factor * base, int(sampler.num_classes)))
+            cap = effort_cap(base, sampler.num_classes, self.max_factor)
             if current >= cap:
                 return None
             sampler.effort = min(2 * current, cap)

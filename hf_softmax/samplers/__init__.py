@@ -48,7 +48,8 @@ __all__ = [
 
 # given when N is known, never in a sampler's YAML
 GIVEN = frozenset({"self", "num_classes", "metric", "seed"})
-_SHARED = frozenset({"base", "active_set", "state"})  # modules every sampler uses, not kinds
+# modules the samplers use, not kinds of sampler
+_SHARED = frozenset({"base", "active_set", "state", "tuning", "race"})
 _HYDRA_KEYS = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_args_"})
 
 

@@ -39,13 +39,14 @@ from hf_softmax.samplers.active_set import (
     uniform_fill,
 )
 from hf_softmax.samplers.state import SamplerState
+from hf_softmax.samplers.tuning import SamplerTuning
 
 log = logging.getLogger(__name__)
 
 METRICS = ("ip", "cosine")
 
 
-class Sampler(SamplerState):
+class Sampler(SamplerTuning, SamplerState):
     """Base class; subclasses override ``build_index`` / ``query`` (index samplers) or ``select``.
 
     num_classes: N; num: M (active classes per step); metric: "ip" | "cosine" (must match the
@@ -70,7 +71,6 @@ class Sampler(SamplerState):
     index_after: int = 0
     correction: str = "none"
     inline_build: bool = False  # builds cheap enough to run inside the step (background: auto)
-    effort_knob: str | None = None  # the query-effort knob ``target_recall`` tunes, if any
     # constructor knobs kept under another attribute name (``query`` is also a method)
     knob_attributes = {"query": "query_mode"}
 
@@ -114,21 +114,6 @@ class Sampler(SamplerState):
         self.random_fraction, self.index_after, self.correction = check_selection_knobs(
             self.name, random_fraction, index_after, correction
         )
-
-    # -- query effort (sampler.target_recall, hf_softmax/recall_target.py) ------------------
-    @property
-    def effort(self) -> int | None:
-        """The value of ``effort_knob`` (annoy ``search_k``, hnsw ``ef``); None without one."""
-        return None if self.effort_knob is None else getattr(self, self.effort_knob)
-
-    @effort.setter
-    def effort(self, value: int) -> None:
-        if self.effort_knob is not None:
-            setattr(self, self.effort_knob, int(value))
-
-    def default_effort(self, k: int) -> int | None:
-        """The effort the index uses at the step's k when not tuned (None without a knob)."""
-        return None
 
     # -- M ---------------------------------------------------------------------------------
     @property

@@ -71,6 +71,8 @@ class FaissSampler(Sampler):
     name = "faiss"
     dense = False
     needs_index = True
+    knob_attributes = {**Sampler.knob_attributes, "index": "index_kind"}
+    worker_knobs = {"device": "cpu"}  # a build worker (background=process) builds on the CPU
 
     def __init__(
         self,
