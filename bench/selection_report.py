@@ -1,6 +1,6 @@
 """docs/benchmarks.md, "Selection off the critical path": what choosing the active classes costs.
 
-Renders the results of four scripts (each writes its JSON under docs/bench/; this module only
+Renders the results of five scripts (each writes its JSON under docs/bench/; this module only
 reads them):
 
 - ``python -m bench.label_speed`` -> ``label_speed.json``: the head step with random,
@@ -11,7 +11,9 @@ reads them):
 - ``python -m bench.index_scale`` -> ``index_scale.json``: an index over 10^7 rows in host RAM
   (``index_scale_annoy.json``: annoy alone on an idle machine, with a ``--search-k`` sweep);
 - ``python -m bench.accuracy --query ...`` -> ``accuracy_label.json``: label vs feature
-  selection on the synthetic hard-negative task.
+  selection on the synthetic hard-negative task;
+- ``python -m bench.auto_race`` -> ``auto_race.json``: ``sampler=auto``'s race of annoy
+  against faiss for a target recall.
 
 ``python -m bench.selection_report`` re-renders docs/bench/selection.md and its plot;
 ``python -m bench.all --reuse`` puts it into docs/benchmarks.md.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench import auto_race
 from bench.formatting import markdown_table
 from bench.output import pyplot, read_json, save_figure
 from bench.paths import OUT_DIR
@@ -223,7 +226,7 @@ def render() -> str | None:
     """The section's markdown (plot links relative to docs/), or None without any results."""
     label, stall = read_json("label_speed"), read_json("build_stall")
     scale, acc = read_json("index_scale"), read_json("accuracy_label")
-    if not any((label, stall, scale, acc)):
+    if not any((label, stall, scale, acc, read_json(auto_race.RESULTS[0]))):
         return None
     parts: list[str] = []
     notes = OUT_DIR / "selection_notes.md"  # hand-written analysis beside the numbers
@@ -245,6 +248,10 @@ def render() -> str | None:
     annoy_scale = read_json("index_scale_annoy")  # annoy built and swept on an idle machine
     if annoy_scale:
         parts += scale_section(annoy_scale) + [""]
+    races = [d for d in map(read_json, auto_race.RESULTS) if d]
+    if races:
+        parts += ["### `sampler=auto`: annoy against faiss for a target recall "
+                  "(`bench/auto_race.py`)", ""] + auto_race.render(races) + [""]  # fmt: skip
     plot = _plot(label, stall)
     if plot:
         parts += [f"![selection cost](bench/{plot})"]
