@@ -1,0 +1,46 @@
+"""Every index sampler under every build mode and query mode, the way a run uses them: a real
+classifier trained for a few steps, rebuilds on the schedule swapped in, the selection served
+from the index or table they made. (Two combinations once failed at the first step: ``auto``
+and ``faiss`` with ``background=process``.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_softmax.index_maintainer import IndexMaintainer
+from tests.test_index_maintainer import B, D, N, make, train
+
+KNOBS = {
+    "exact": {},
+    "annoy": {"ntrees": 2, "n_jobs": 1},
+    "hnsw": {"num_threads": 1},
+    "faiss": {"threads": 1},
+    "auto": {"exact_max_elements": 0, "ntrees": 2, "n_jobs": 1},  # an index at this N
+}
+
+
+@pytest.mark.parametrize("query", ["feature", "label"])
+@pytest.mark.parametrize("background", [False, "thread", "process"])
+@pytest.mark.parametrize("name", list(KNOBS))
+def test_every_sampler_builds_rebuilds_and_serves(name, background, query):
+    clf = make(name, query=query, table_k=4, **KNOBS[name])
+    race = {"target_recall": 0.5} if name == "auto" else {}  # auto races annoy and faiss
+    m = IndexMaintainer(clf, interval=3, background=background, probe_every=2,
+                        build_threads=1, **race)  # fmt: skip
+    try:
+        m.start(0)
+        train(clf, m, range(0, 7))  # rebuilds due at steps 3 and 6
+        m.wait(7)
+        # the first build and at least one rebuild (a background one due while another runs
+        # is skipped: these steps are faster than a build)
+        assert m.failures == 0 and m.builds + m.refreshes >= 2, m.records()
+        sampler = clf.sampler
+        if query == "label":
+            assert sampler.table is not None and sampler.table.shape == (N, 4)
+        if name == "auto":
+            assert sampler.kind in ("annoy", "faiss") and len(sampler.race_entries) == 2
+        out = clf(torch.randn(B, D), torch.arange(B))
+        assert out.active.num_index > 0 and sampler.num_fallbacks == 0
+    finally:
+        m.close()
