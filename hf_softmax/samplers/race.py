@@ -6,8 +6,10 @@ one ``candidates`` (annoy, faiss). For each candidate in turn:
 
 1. build its index over the snapshot (timed);
 2. take ``queries`` rows of the snapshot (seeded) as queries and find each one's k nearest
-   *other* rows with the index (``query_rows``: annoy by item id, faiss by vector) and with
-   an exact top-k (``samplers.exact.exact_topk``); recall@k is the share found;
+   *other* rows with the index, the way the run will query it (feature mode: by vector,
+   ``query_index``, as a step does; label mode: ``query_rows``, as the table build does:
+   annoy by item id), and with an exact top-k (``samplers.exact.exact_topk``); recall@k is
+   the share found;
 3. raise the index's query effort (annoy ``search_k``, faiss ``nprobe`` / ``efSearch``) from
    its default, doubling, up to the cap ``target_recall`` uses later (``max_factor`` x the
    default, never past N), until recall reaches the target; time the queries at each effort
@@ -65,7 +67,10 @@ def _timed_recall(
     found = None
     while len(times) < _TIMED_RUNS:
         t0 = time.perf_counter()
-        found = sampler.query_rows(index, weights, ids, k + 1)
+        if sampler.query_mode == "label":  # as the class table is built
+            found = sampler.query_rows(index, weights, ids, k + 1)
+        else:  # as a step queries, by vector
+            found = sampler.query_index(index, np.ascontiguousarray(weights[ids]), k + 1)
         times.append(time.perf_counter() - t0)
         if times[-1] > _LONG_S:
             break
