@@ -77,6 +77,8 @@ def test_the_first_candidate_stays_unless_another_is_strictly_cheaper_at_the_tar
     assert better(entry("faiss", 0.6, 9.0), low, 0.9)  # neither: the higher recall
     with pytest.raises(ValueError, match="candidates must be"):
         auto(100, candidates=["annoy", "scann"])
+    with pytest.raises(ValueError, match=r"unknown faiss knob\(s\) \['nprob'\]"):
+        auto(100, faiss={"nprob": 32})
 
 
 @pytest.mark.parametrize("limit", [0, 10**9], ids=["annoy", "exact"])
@@ -185,3 +187,12 @@ def test_the_race_benchmark_runs_the_real_sampler(tmp_path):
     for e in result["entries"]:
         hit = auto_race.first_reaching(e, 0.9)
         assert hit is None or hit["recall"] >= 0.9
+
+
+def test_the_faiss_knob_list_matches_the_sampler():
+    import inspect
+
+    from hf_softmax.samplers.faiss import FAISS_KNOBS, FaissSampler
+
+    params = list(inspect.signature(FaissSampler.__init__).parameters)
+    assert tuple(params[params.index("seed") + 1 : params.index("selection")]) == FAISS_KNOBS

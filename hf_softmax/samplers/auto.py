@@ -62,6 +62,12 @@ class AutoSampler(Sampler):
                              f"{CANDIDATES}, got {list(self.candidates)}")  # fmt: skip
         self.race_queries = int(race_queries)
         self.faiss = dict(faiss or {})
+        from hf_softmax.samplers.faiss import FAISS_KNOBS  # faiss itself is imported on use
+
+        if set(self.faiss) - set(FAISS_KNOBS):
+            raise ValueError(f"sampler 'auto': unknown faiss knob(s) "
+                             f"{sorted(set(self.faiss) - set(FAISS_KNOBS))}; expected some "
+                             f"of {list(FAISS_KNOBS)} (conf/sampler/faiss.yaml)")  # fmt: skip
         mode = {"query": self.query_mode, "table_k": self.table_k,
                 "feature_share": self.feature_share}  # the backend builds tables  # fmt: skip
         self.backends: dict[str, Sampler] = {

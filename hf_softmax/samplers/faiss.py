@@ -48,6 +48,9 @@ DEVICES = ("auto", "cpu", "cuda")
 _EFFORT = {"flat": None, "ivf": "nprobe", "hnsw": "efSearch"}
 _MIN_PER_LIST = 39  # faiss warns below 39 training rows per k-means cell
 _DEVICE_SHARE = 0.5  # the exact device top-k may take this share of the free device memory
+# the kind's own knobs (``FaissSampler.__init__`` between ``seed`` and ``**selection``)
+FAISS_KNOBS = ("index", "nlist", "nprobe", "storage", "m", "efConstruction", "efSearch",
+               "kmeans_iters", "train_per_list", "threads", "query_threads", "device")  # fmt: skip
 
 
 def import_faiss() -> Any:
