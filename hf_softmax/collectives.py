@@ -43,6 +43,17 @@ def world(group: Any = None) -> tuple[int, int]:
     return 0, 1
 
 
+def rank0_object(obj: Any, group: Any = None) -> Any:
+    """Rank 0's ``obj`` (picklable) on every rank of ``group``; ``obj`` itself without an
+    initialised process group or with one rank."""
+    if world(group)[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group else 0,
+                               group=group)  # fmt: skip
+    return box[0]
+
+
 def comm_device(group: Any, fallback: torch.device) -> torch.device:
     """nccl moves CUDA tensors only; gloo (and the rest) CPU tensors."""
     if dist.get_backend(group) == "nccl":

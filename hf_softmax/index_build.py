@@ -3,7 +3,8 @@
 A build also makes the sampler's class-neighbour table (label mode) from the fresh index.
 
 ``IndexMaintainer`` runs ``run_build`` inline or in a thread; ``build_worker.BuildWorker``
-fills the same ``BuildJob`` from a worker process.
+fills the same ``BuildJob`` from a worker process. ``prepare_first_build``: what the sampler
+settles before its first build (``auto``'s backend, the same on every DDP rank).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from hf_softmax.collectives import rank0_object
 
 
 @dataclass
@@ -68,3 +71,21 @@ def run_build(
             index = sampler.build_index(weights)
         job.table = sampler.build_table(index, weights)  # None in feature mode
         job.index = index
+
+
+def prepare_first_build(classifier: Any, target: float | None, restored: Any) -> Any:
+    """Before the first build: restore a checkpoint's sampler ``choice`` (``restored``), let
+    the sampler ``prepare`` (``auto`` chooses its backend, racing for ``target`` recall),
+    then make every rank of ``classifier.group`` serve rank 0's choice. Returns what
+    ``prepare`` built, (index, snapshot), or None (also when this rank adopted another
+    choice)."""
+    sampler = classifier.sampler
+    sampler.choice = restored  # auto: the backend of the checkpoint, no new race
+    shape = tuple(classifier.weight.shape)
+    ready = sampler.prepare(shape, classifier.snapshot_weights, target)
+    if sampler.choice is not None:  # timing may differ between ranks: rank 0 decides
+        agreed = rank0_object(sampler.choice, getattr(classifier, "group", None))
+        if agreed != sampler.choice:
+            sampler.adopt(agreed)
+            ready = None  # built for another backend
+    return ready

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_softmax.index_build import BuildJob, run_build
+from hf_softmax.index_build import BuildJob, prepare_first_build, run_build
 from hf_softmax.rebuild_settings import RebuildRecord, RebuildSettings
 from hf_softmax.recall_probe import probe_recall
 from hf_softmax.recall_target import RecallTarget
@@ -139,9 +139,7 @@ class IndexMaintainer:
         self.classifier.pop_touched()
         job = BuildJob(start_step=step, kind="build", background=False)
         target = None if self.target is None else self.target.target
-        sampler.choice = self._choice  # auto: the backend of the checkpoint, no new race
-        shape = tuple(self.classifier.weight.shape)
-        ready = sampler.prepare(shape, self.classifier.snapshot_weights, target)  # auto: backend
+        ready = prepare_first_build(self.classifier, target, self._choice)
         if self.mode() == "process":  # built by the worker, which keeps it to refresh it
             ready = None  # the worker builds its own (it keeps the index); free this one
             self._process_worker().run(job, self.classifier, np.empty(0, np.int64))

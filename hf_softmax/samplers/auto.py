@@ -12,7 +12,8 @@ first snapshot and keeps the one that reaches the target recall for the least qu
 (``samplers/race.py``), at the effort it needed; the race's index is the first build when
 the winner was the last candidate built. The choice is made once, before the first
 build (``prepare``), logged with the reason, and kept in the checkpoint, so a resumed run
-builds the same backend.
+builds the same backend; under DDP every rank ``adopt``s rank 0's
+(``index_build.prepare_first_build``).
 """
 
 from __future__ import annotations
@@ -129,6 +130,12 @@ class AutoSampler(Sampler):
                             for e in self.race_entries)  # fmt: skip
         self.choose(n, d, winner, f"; race for recall@{k} >= {target_recall}: {summary}")
         return None if index is None else (index, snapshot)  # the last built, if it won
+
+    def adopt(self, choice: dict[str, Any]) -> None:
+        mine = self.choice
+        self.backend = None
+        self.choice = choice
+        log.info("sampler 'auto': %s as rank 0 chose (this rank chose %s)", choice, mine)
 
     @property
     def builder(self) -> Sampler:

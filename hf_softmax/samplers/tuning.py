@@ -52,6 +52,9 @@ class SamplerTuning:
     def choice(self, value: dict[str, Any] | None) -> None:
         """Restore a checkpoint's ``choice`` before ``prepare`` (nothing to restore here)."""
 
+    def adopt(self, choice: dict[str, Any]) -> None:
+        """Take another process's ``choice`` in place of this one's (DDP: rank 0's)."""
+
     @property
     def builder(self) -> SamplerTuning:
         """The sampler whose ``build_index`` makes this one's indexes (a build worker runs a
