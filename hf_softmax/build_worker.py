@@ -12,12 +12,11 @@ waits (both release the GIL):
    as in a build thread (the index is approximate anyway; the row is marked touched again);
 2. the worker builds (or refreshes: it keeps the index it built last, so an hnsw refresh
    copies no graph in the training process) with its own threads, ``build_threads`` of
-   them (annoy ``n_jobs``, hnsw ``num_threads``, faiss ``threads``), and saves the index to
-   a file (faiss: built on the CPU there, ``FaissSampler.worker_knobs``);
-3. the trainer loads the file: annoy ``load`` mmaps it (no copy, no parse), hnswlib reads
-   it (a copy of the graph, made while hnswlib holds the GIL: at 10^6 x 256 a few hundred
-   ms), faiss ``read_index`` (ivf lists mmapped), exact ``np.load``; the maintainer swaps
-   the index in at the next step start.
+   them (annoy ``n_jobs``, hnsw ``num_threads``, faiss ``threads``; faiss on the CPU,
+   ``FaissSampler.worker_knobs``), and saves the index to a file;
+3. the trainer loads the file (``index_files.load_index``: annoy and faiss ivf mmapped;
+   hnswlib copies its graph under the GIL, a few hundred ms at 10^6 x 256); the maintainer
+   swaps the index in at the next step start.
    In label mode (``sampler.query=label``) the worker hands back only the class-neighbour
    table it computes from the fresh index (``<index file>.table.npy``, mmapped by the
    trainer); the index stays in the worker (``WorkerIndex`` stands for it): the trainer
@@ -70,12 +69,10 @@ _POLL_S = 0.2  # how often a waiting trainer thread checks that the worker still
 
 
 def sampler_spec(sampler: Any, build_threads: int | None) -> tuple[type, dict[str, Any]]:
-    """The class and constructor arguments that rebuild ``sampler`` in the worker.
-
-    ``auto`` sends its chosen backend. Knobs are read back from the attributes of the same
-    name (or the one ``knob_attributes`` maps it to); ``build_threads`` replaces the
-    build-thread knob.
-    """
+    """The class and constructor arguments that rebuild ``sampler.builder`` (``auto``: its
+    chosen backend) in the worker: knobs read back from the attributes of the same name (or
+    the one ``knob_attributes`` maps it to), ``build_threads`` for the build-thread knob,
+    then the class's ``worker_knobs``."""
     target = sampler.builder
     cls = type(target)
     renamed = getattr(cls, "knob_attributes", {})
@@ -97,7 +94,7 @@ def sampler_spec(sampler: Any, build_threads: int | None) -> tuple[type, dict[st
             break
     if build_threads is not None:
         kwargs.update({k: int(build_threads) for k in _BUILD_THREAD_KNOBS if k in kwargs})
-    kwargs.update(getattr(cls, "worker_knobs", {}))  # e.g. faiss builds on the CPU there
+    kwargs.update(getattr(cls, "worker_knobs", {}))  # faiss: builds on the CPU there
     return cls, kwargs
 
 
