@@ -132,10 +132,8 @@ class AutoSampler(Sampler):
         return None if index is None else (index, snapshot)  # the last built, if it won
 
     def adopt(self, choice: dict[str, Any]) -> None:
-        mine = self.choice
-        self.backend = None
-        self.choice = choice
-        log.info("sampler 'auto': %s as rank 0 chose (this rank chose %s)", choice, mine)
+        log.info("sampler 'auto': %s as rank 0 chose (this rank chose %s)", choice, self.choice)
+        self._take(choice)
 
     @property
     def builder(self) -> Sampler:
@@ -154,11 +152,15 @@ class AutoSampler(Sampler):
     def choice(self, value: dict[str, Any] | None) -> None:
         if not value or self.backend is not None:
             return
+        self._take(value)
+        log.info("sampler 'auto': %s (%s = %s), as in the checkpoint", self.backend.name,
+                 self.backend.effort_knob, value.get("effort"))  # fmt: skip
+
+    def _take(self, value: dict[str, Any]) -> None:
+        """Serve ``value``'s backend at its effort (a checkpoint's or rank 0's choice)."""
         self.backend = self.candidate(str(value["backend"]))
         if value.get("effort") is not None:
             self.backend.effort = int(value["effort"])
-        log.info("sampler 'auto': %s (%s = %s), as in the checkpoint", self.backend.name,
-                 self.backend.effort_knob, value.get("effort"))  # fmt: skip
 
     @property
     def inline_build(self) -> bool:  # the backend's (exact: inline; annoy: background)
