@@ -1,11 +1,12 @@
 """docs/benchmarks.md, "Selection off the critical path": what choosing the active classes costs.
 
-Renders the results of five scripts (each writes its JSON under docs/bench/; this module only
+Renders the results of six scripts (each writes its JSON under docs/bench/; this module only
 reads them):
 
 - ``python -m bench.label_speed`` -> ``label_speed.json``: the head step with random,
   label-driven (``sampler.query=label``) and per-feature (``query=feature``) selection, and
-  the dense baseline, side by side at N = 1e5 / 1e6;
+  the dense baseline, side by side at N = 1e5 / 1e6 (``label_speed_long.json``: 10^6 over
+  300 steps);
 - ``python -m bench.build_stall`` -> ``build_stall.json``: steps while an index build runs in
   a thread or in the build process;
 - ``python -m bench.index_scale`` -> ``index_scale.json``: an index over 10^7 rows in host RAM
@@ -13,7 +14,9 @@ reads them):
 - ``python -m bench.accuracy --query ...`` -> ``accuracy_label.json``: label vs feature
   selection on the synthetic hard-negative task;
 - ``python -m bench.auto_race`` -> ``auto_race.json``: ``sampler=auto``'s race of annoy
-  against faiss for a target recall.
+  against faiss for a target recall;
+- ``python -m bench.effort_retune`` -> ``effort_retune.json``: what one ``target_recall``
+  probe on trained-like rows does to the effort a race on a fresh run's rows chose.
 
 ``python -m bench.selection_report`` re-renders docs/bench/selection.md and its plot;
 ``python -m bench.all --reuse`` puts it into docs/benchmarks.md.
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench import auto_race
+from bench import auto_race, effort_retune
 from bench.formatting import markdown_table
 from bench.output import pyplot, read_json, save_figure
 from bench.paths import OUT_DIR
@@ -43,13 +46,27 @@ def _ratio(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}×"
 
 
+def _label_command(args: dict[str, Any]) -> str:
+    """The command line of a ``bench.label_speed`` run, from the arguments it recorded."""
+    words = ["OMP_NUM_THREADS=1 python -m bench.label_speed"]
+    words += ["--sizes", *map(str, args.get("sizes", [100_000, 1_000_000]))]
+    words += ["--steps", str(args.get("steps", 20))]
+    if args.get("exact_max", 0) == 0:
+        words += ["--exact-max", "0"]
+    words += ["--threads", str(args.get("threads") or 1)]
+    words += ["--shares", *(f"{v:g}" for v in args.get("shares", [0.25, 0.5]))]
+    if args.get("name", "label_speed") != "label_speed":
+        words += ["--name", args["name"]]
+    return " ".join(words)
+
+
 def label_speed_section(data: dict[str, Any]) -> list[str]:
     """Step time per selection mode, one table per N, with the issue's targets checked."""
     lines = [
-        "Command: `OMP_NUM_THREADS=1 python -m bench.label_speed --sizes 100000 1000000 "
-        "--steps 20 --exact-max 0 --threads 1 --shares 0.25 0.5` (D = 256, B = 256, M = 1000, "
+        f"Command: `{_label_command(data.get('args', {}))}` (D = 256, B = 256, M = 1000, "
         "CPU, one torch thread; the modes take turns step by step, on the same rows and "
-        "batches; medians over the timed steps; targets at N = 10^6). `build s` is the index "
+        "batches; medians over the timed steps, the first two (full: one) left out as warm-up; "
+        "full runs a fifth of the steps; targets at N = 10^6). `build s` is the index "
         "build, `table s` the class table built from it (label mode: every class's `table_k` "
         "= 16 nearest rows); `mixed<s>` is label mode with `feature_share` s.",
     ]
@@ -235,6 +252,9 @@ def render() -> str | None:
     if label:
         parts += ["### Step time by selection mode (`bench/label_speed.py`)", ""]
         parts += label_speed_section(label) + [""]
+    longer = read_json("label_speed_long")  # the same at 10^6 over 300 steps
+    if longer:
+        parts += label_speed_section(longer) + [""]
     feature = read_json("accuracy_label_feature")
     if acc and feature:
         parts += ["### Label vs feature selection: accuracy (`bench/accuracy.py`)", ""]
@@ -252,6 +272,10 @@ def render() -> str | None:
     if races:
         parts += ["### `sampler=auto`: annoy against faiss for a target recall "
                   "(`bench/auto_race.py`)", ""] + auto_race.render(races) + [""]  # fmt: skip
+    retune = read_json(effort_retune.RESULT)
+    if retune:
+        title = "### After the race: one probe on trained-like rows (`bench/effort_retune.py`)"
+        parts += [title, ""] + effort_retune.render(retune) + [""]
     plot = _plot(label, stall)
     if plot:
         parts += [f"![selection cost](bench/{plot})"]

@@ -46,7 +46,7 @@ import torch
 
 from hf_softmax.index_build import BuildJob, prepare_first_build, run_build
 from hf_softmax.rebuild_settings import RebuildRecord, RebuildSettings
-from hf_softmax.recall_probe import probe_recall
+from hf_softmax.recall_probe import measure_recall
 from hf_softmax.recall_target import RecallTarget
 
 log = logging.getLogger(__name__)
@@ -180,14 +180,14 @@ class IndexMaintainer:
         if not self.active or s.probe_every <= 0 or step % s.probe_every or features is None:
             return {}
         sampler = self.sampler
-        recall, k = self.probe(features)
+        recall, k, recall_at = self._measure(features)
         metrics = {
             f"index/recall@{'k' if s.probe_k is None else k}": recall,
             "index/k": float(k),
             "index/num": float(sampler.num),
         }
         if self.target is not None:
-            action = self.target.update(sampler, recall, k, step - self.last_swap_step)
+            action = self.target.update(sampler, recall, k, step - self.last_swap_step, recall_at)
             if action == "rebuild" and not self.busy:
                 self._pending = True
             if sampler.effort is not None:
@@ -202,12 +202,17 @@ class IndexMaintainer:
     def probe(self, features: torch.Tensor | np.ndarray) -> tuple[float, int]:
         """(recall@k, k) of the serving index (label mode: its table) on features (B, D)
         (``hf_softmax.recall_probe``)."""
+        return self._measure(features)[:2]
+
+    def _measure(self, features: torch.Tensor | np.ndarray) -> tuple[float, int, Any]:
+        """``probe`` plus ``recall_at(effort)`` (feature mode; else None) for the target."""
         weights = self.classifier.snapshot_weights(as_selected=True)  # as the step selected
-        recall, k = probe_recall(self.sampler, weights, features,
-                                 self.settings.probe_k, self.settings.exact_chunk_size)  # fmt: skip
+        recall, k, recall_at = measure_recall(self.sampler, weights, features,
+                                              self.settings.probe_k,
+                                              self.settings.exact_chunk_size)  # fmt: skip
         self.probes += 1
         self.last_recall = recall
-        return recall, k
+        return recall, k, recall_at
 
     def wait(self, step: int) -> dict[str, float]:
         """Block until a running background build is finished and swapped (tests, shutdown)."""

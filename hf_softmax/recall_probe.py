@@ -16,6 +16,7 @@ served would count as misses just because the step pushed them away from these f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,15 +35,41 @@ def probe_recall(
 ) -> tuple[float, int]:
     """(recall, k) of ``sampler``'s serving index (feature mode) or table (label mode) against
     exact neighbours over ``weights`` (N, D) float32 (see the module docstring); features (B, D)."""
+    recall, k, _ = measure_recall(sampler, weights, features, probe_k, chunk_size)
+    return recall, k
+
+
+def measure_recall(
+    sampler: Any,
+    weights: np.ndarray,
+    features: torch.Tensor | np.ndarray,
+    probe_k: int | None = None,
+    chunk_size: int = 65536,
+) -> tuple[float, int, Callable[[int], float] | None]:
+    """``probe_recall`` plus, in feature mode, ``recall_at(effort)``: the same features queried
+    again at another query effort, against the same exact top-k (``target_recall`` tunes the
+    effort with it). The sampler is back at its own effort after each call; only the training
+    thread queries, so no step sees the other effort. Label mode: None (the table was built
+    at one effort)."""
     table = getattr(sampler, "table", None)
     if getattr(sampler, "query_mode", "feature") == "label" and table is not None:
         recall = table_recall(table, weights, sampler.last_positives, sampler.metric, chunk_size)
-        return recall, int(table.shape[1])
+        return recall, int(table.shape[1]), None
     if isinstance(features, torch.Tensor):
         features = features.detach().to("cpu", torch.float32).numpy()
     feats = np.ascontiguousarray(features, dtype=np.float32)
     k = probe_k if probe_k is not None else (sampler.last_k or 10)
     k = min(k, sampler.num_classes)
-    approx = sampler.query(feats, k)
     exact = exact_topk(weights, feats, k, sampler.metric, chunk_size)
-    return recall_at_k(approx, exact), k
+
+    def recall_at(effort: int | None = None) -> float:
+        if effort is None:
+            return recall_at_k(sampler.query(feats, k), exact)
+        own = sampler.effort
+        sampler.effort = effort
+        try:
+            return recall_at_k(sampler.query(feats, k), exact)
+        finally:
+            sampler.effort = own
+
+    return recall_at(), k, recall_at

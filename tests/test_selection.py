@@ -128,7 +128,7 @@ def test_auto_picks_exact_below_the_size_limit(dim, kind, caplog):
 class _Effort:
     """A sampler stand-in with the effort interface (what RecallTarget steers)."""
 
-    num_classes = 1000
+    num_classes = effort_limit = 1000
 
     def __init__(self, effort=-1):
         self.effort = effort

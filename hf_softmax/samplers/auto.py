@@ -204,3 +204,7 @@ class AutoSampler(Sampler):
 
     def default_effort(self, k: int) -> int | None:
         return None if self.backend is None else self.backend.default_effort(k)
+
+    @property
+    def effort_limit(self) -> int:
+        return super().effort_limit if self.backend is None else self.backend.effort_limit

@@ -129,10 +129,15 @@ class FaissSampler(Sampler):
     # -- query effort (callbacks.index_rebuild.target_recall) --------------------
     def default_effort(self, k: int) -> int | None:
         if self.index_kind == "ivf":
-            return min(self.nprobe, self.nlist)
+            return min(self.configured_effort, self.nlist)
         if self.index_kind == "hnsw":
-            return max(self.efSearch, k)  # faiss's HNSW search needs efSearch >= k
+            return max(self.configured_effort, k)  # faiss's HNSW search needs efSearch >= k
         return None
+
+    @property
+    def effort_limit(self) -> int:
+        # nprobe = nlist scans every cell: more changes nothing
+        return self.nlist if self.index_kind == "ivf" else int(self.num_classes)
 
     # -- build -----------------------------------------------------------------------------
     def choose_backend(self, weight_bytes: int) -> str:

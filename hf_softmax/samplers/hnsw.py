@@ -118,7 +118,7 @@ class HNSWSampler(Sampler):
         return self._knn(index, feats, min(k, self.num_classes))
 
     def default_effort(self, k: int) -> int:
-        return max(self.ef, k)
+        return max(self.configured_effort, k)
 
     def _knn(self, index: hnswlib.Index | None, feats: np.ndarray, k: int) -> np.ndarray:
         if index is None:

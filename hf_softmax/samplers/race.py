@@ -12,8 +12,8 @@ one ``candidates`` (annoy, faiss). For each candidate in turn:
    the share found;
 3. raise the index's query effort (annoy ``search_k``, faiss ``nprobe`` / ``efSearch``) from
    its default, doubling, up to the cap ``target_recall`` uses later (``max_factor`` x the
-   default, never past N), until recall reaches the target; time the queries at each effort
-   (the median of up to 3 runs).
+   default, never past ``effort_limit``: N, or faiss IVF's nlist), until recall reaches the
+   target; time the queries at each effort (the median of up to 3 runs).
 
 The winner is the candidate with the least query time per row at the target; the first
 candidate (annoy: the paper's hashing forest) stays unless another is strictly cheaper.
@@ -95,7 +95,7 @@ def tune_effort(
     if base is None:  # no effort knob (exact)
         recall, ms = _timed_recall(sampler, index, weights, ids, exact, k)
         return None, recall, ms, [(None, recall, ms)]
-    cap = effort_cap(base, sampler.num_classes, max_factor)
+    cap = effort_cap(base, sampler.effort_limit, max_factor)
     effort = base
     while True:
         sampler.effort = effort

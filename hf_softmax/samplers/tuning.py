@@ -30,11 +30,25 @@ class SamplerTuning:
     @effort.setter
     def effort(self, value: int) -> None:
         if self.effort_knob is not None:
+            if not hasattr(self, "_configured_effort"):  # the first tune: keep the config's
+                self._configured_effort = getattr(self, self.effort_knob)
             setattr(self, self.effort_knob, int(value))
+
+    @property
+    def configured_effort(self) -> int | None:
+        """The knob's value as configured, before any tuning (``default_effort`` builds on it:
+        tuning lowers the effort back to it, never below)."""
+        return getattr(self, "_configured_effort", self.effort)
 
     def default_effort(self, k: int) -> int | None:
         """The effort the index uses at the step's k when not tuned (None without a knob)."""
         return None
+
+    @property
+    def effort_limit(self) -> int:
+        """The effort past which the knob changes nothing (an exhaustive search): N here;
+        faiss IVF: its nlist cells."""
+        return int(self.num_classes)
 
     def prepare(self, shape: Any, weights: Any, target_recall: float | None = None) -> Any:
         """Once, before the first build (``IndexMaintainer.start``): shape (N, D) of the rows,
