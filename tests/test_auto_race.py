@@ -17,6 +17,7 @@ from hf_softmax.heads import LinearHead
 from hf_softmax.index_maintainer import IndexMaintainer
 from hf_softmax.samplers import build_sampler
 from hf_softmax.samplers.race import RaceEntry, better, race
+from tests.gloo_ranks import spawn_ranks
 from tests.test_label_selection import CONF, clustered
 from tests.test_train import compose_cfg, train_script
 
@@ -198,36 +199,21 @@ def test_the_faiss_knob_list_matches_the_sampler():
     assert tuple(params[params.index("seed") + 1 : params.index("selection")]) == FAISS_KNOBS
 
 
-def _rank_worker(rank: int, port: int, out: str) -> None:
+def _rank_worker(rank: int, out: str) -> None:
     """One of two gloo ranks: rank 0's auto chooses annoy, rank 1's faiss (different
     candidates, as a race could decide on two machines); both must serve rank 0's."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)  # fmt: skip
-    try:
-        rows = clustered(600, 16, 30)
-        sampler = auto(600, ntrees=2, candidates=[["annoy", "faiss"], ["faiss", "annoy"]][rank])
-        clf = SampledClassifier(600, 16, LinearHead(), sampler,
-                                weight=torch.from_numpy(rows))  # fmt: skip
-        maint = IndexMaintainer(clf, interval=5, background=False, probe_every=0)
-        maint.start(0)
-        seen = {"kind": sampler.kind, "index": type(sampler.index).__name__,
-                "choice": maint.state_dict()["sampler_choice"]}  # fmt: skip
-        torch.save(seen, f"{out}/{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    rows = clustered(600, 16, 30)
+    sampler = auto(600, ntrees=2, candidates=[["annoy", "faiss"], ["faiss", "annoy"]][rank])
+    clf = SampledClassifier(600, 16, LinearHead(), sampler, weight=torch.from_numpy(rows))
+    maint = IndexMaintainer(clf, interval=5, background=False, probe_every=0)
+    maint.start(0)
+    seen = {"kind": sampler.kind, "index": type(sampler.index).__name__,
+            "choice": maint.state_dict()["sampler_choice"]}  # fmt: skip
+    torch.save(seen, f"{out}/{rank}.pt")
 
 
 def test_every_ddp_rank_serves_rank_0s_choice(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_rank_worker, str(tmp_path))
     first, second = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
     assert first["kind"] == second["kind"] == "annoy"
     assert second["index"] == first["index"] == "Annoy" and second["choice"] == first["choice"]

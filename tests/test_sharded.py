@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -30,6 +27,7 @@ from hf_softmax.heads import build_head
 from hf_softmax.row_store import initial_rows
 from hf_softmax.samplers import build_sampler, sampler_class
 from hf_softmax.samplers.base import ActiveSet, Sampler
+from tests.gloo_ranks import spawn_ranks
 
 N, D, M = 37, 8, 20  # odd N: uneven shards [0, 19), [19, 37)
 SIZES = (5, 7)  # per-rank batch sizes (unequal on purpose)
@@ -49,12 +47,6 @@ class ReplaySampler(Sampler):
 
     def select(self, features: torch.Tensor, labels: torch.Tensor) -> ActiveSet:
         return self.active
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batches(steps: int, seed: int = 3):
@@ -278,31 +270,22 @@ def _check_row_rule(rank: int, tmp: Path) -> None:
         torch.save(state, tmp / "row-rule.pt")
 
 
-def _worker(rank: int, port: int, tmp: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        for head_name, sampler in (("cosface", "exact"), ("arcface", "random"),
-                                   ("linear", "exact")):  # fmt: skip
-            _check_training(rank, head_name, sampler, Path(tmp))
-        _check_dense_oracle(rank)
-        _check_legacy_ddp(rank)
-        _check_ddp_backbone(rank)
-        _check_num_schedule(rank)
-        _check_init_invariant(rank)
-        _check_row_rule(rank, Path(tmp))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, tmp: str) -> None:
+    for head_name, sampler in (("cosface", "exact"), ("arcface", "random"), ("linear", "exact")):
+        _check_training(rank, head_name, sampler, Path(tmp))
+    _check_dense_oracle(rank)
+    _check_legacy_ddp(rank)
+    _check_ddp_backbone(rank)
+    _check_num_schedule(rank)
+    _check_init_invariant(rank)
+    _check_row_rule(rank, Path(tmp))
 
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory) -> Path:
     """Runs every 2-process check once; returns the dir with rank 0's consolidated states."""
     tmp = tmp_path_factory.mktemp("sharded")
-    mp.spawn(_worker, args=(_free_port(), str(tmp)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, str(tmp), world=WORLD)
     return tmp
 
 
