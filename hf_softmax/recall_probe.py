@@ -26,19 +26,6 @@ from hf_softmax.class_table import table_recall
 from hf_softmax.samplers.exact import exact_topk, recall_at_k
 
 
-def probe_recall(
-    sampler: Any,
-    weights: np.ndarray,
-    features: torch.Tensor | np.ndarray,
-    probe_k: int | None = None,
-    chunk_size: int = 65536,
-) -> tuple[float, int]:
-    """(recall, k) of ``sampler``'s serving index (feature mode) or table (label mode) against
-    exact neighbours over ``weights`` (N, D) float32 (see the module docstring); features (B, D)."""
-    recall, k, _ = measure_recall(sampler, weights, features, probe_k, chunk_size)
-    return recall, k
-
-
 def measure_recall(
     sampler: Any,
     weights: np.ndarray,
@@ -46,11 +33,13 @@ def measure_recall(
     probe_k: int | None = None,
     chunk_size: int = 65536,
 ) -> tuple[float, int, Callable[[int], float] | None]:
-    """``probe_recall`` plus, in feature mode, ``recall_at(effort)``: the same features queried
-    again at another query effort, against the same exact top-k (``target_recall`` tunes the
-    effort with it). The sampler is back at its own effort after each call; only the training
-    thread queries, so no step sees the other effort. Label mode: None (the table was built
-    at one effort)."""
+    """(recall, k, recall_at) of ``sampler``'s serving index (feature mode) or table (label
+    mode) against exact neighbours over ``weights`` (N, D) float32 (see the module
+    docstring); features (B, D). ``recall_at(effort)`` (feature mode): the same features
+    queried again at another query effort, against the same exact top-k (``target_recall``
+    tunes the effort with it). The sampler is back at its own effort after each call; only
+    the training thread queries, so no step sees the other effort. Label mode: None (the
+    table was built at one effort)."""
     table = getattr(sampler, "table", None)
     if getattr(sampler, "query_mode", "feature") == "label" and table is not None:
         recall = table_recall(table, weights, sampler.last_positives, sampler.metric, chunk_size)
