@@ -121,6 +121,8 @@ class RecallTarget:
         """The most effort first: if the cap finds no more (``min_gain``), the misses are the
         rows' drift and the effort stays. Else double to the first effort that reaches the
         target, or comes within ``min_gain`` of what the cap finds."""
+        if current >= cap:  # nothing left to raise: no query at the cap, no drift verdict
+            return current, recall
         top = recall_at(cap)
         if top - recall < self.min_gain:
             self.drift_limited += 1

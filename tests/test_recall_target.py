@@ -53,6 +53,9 @@ def test_the_raise_stops_at_the_effort_limit():
     s = _Curve(20, {100: 0.7, 40: 0.5, 80: 0.6}, limit=100)  # e.g. faiss IVF with nlist 100
     assert RecallTarget(0.9).update(s, 0.4, 2, 0, s.recall_at) == "raise"
     assert s.effort == 100 and s.asked == [100, 40, 80]
+    target = RecallTarget(0.9)  # at the limit already: nothing to ask, no drift verdict
+    assert target.update(s, 0.7, 2, 0, s.recall_at) is None
+    assert s.asked == [100, 40, 80] and target.drift_limited == 0
 
 
 def test_above_the_target_the_effort_halves_while_recall_holds_in_one_probe():
