@@ -59,7 +59,9 @@ def load_index(kind: str, path: Path, info: dict[str, Any], metric: str) -> Any:
     if kind == "annoy":
         from annoy import AnnoyIndex
 
-        index = AnnoyIndex(info["dim"], {"ip": "dot", "cosine": "angular"}[metric])
+        from hf_softmax.samplers.annoy import ANNOY_METRIC
+
+        index = AnnoyIndex(info["dim"], ANNOY_METRIC[metric])
         index.load(str(path))
         return index
     if kind == "faiss":  # inverted lists mmapped (ivf); the file may be unlinked afterwards

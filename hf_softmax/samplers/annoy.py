@@ -27,7 +27,7 @@ from annoy import AnnoyIndex
 
 from hf_softmax.samplers.base import Sampler
 
-_ANNOY_METRIC = {"ip": "dot", "cosine": "angular"}
+ANNOY_METRIC = {"ip": "dot", "cosine": "angular"}
 _ADD_CHUNK = 4096  # rows converted per tolist(): ~1 ms of GIL at D = 256
 _POOLS: dict[int, ThreadPoolExecutor] = {}  # shared query pools, by size (never pickled)
 
@@ -72,7 +72,7 @@ class AnnoySampler(Sampler):
         n, d = weights.shape
         if n != self.num_classes:
             raise ValueError(f"sampler 'annoy': weights have {n} rows, expected {self.num_classes}")
-        index = AnnoyIndex(d, _ANNOY_METRIC[self.metric])
+        index = AnnoyIndex(d, ANNOY_METRIC[self.metric])
         index.set_seed(self.seed)
         add = index.add_item
         # The highest id first: Annoy sizes its node buffer once, instead of growing (and
