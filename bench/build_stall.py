@@ -107,6 +107,8 @@ def stall(
 
     if prebuilt is not None and mode == "thread":
         sampler.swap(prebuilt)
+        if refresh:  # as IndexMaintainer.start does: hnsw's spare graph, before any step
+            sampler.ready_for_refresh()
         clf.pop_touched()
     else:
         m.start(0)
@@ -140,7 +142,7 @@ def stall(
     res = {
         "index": name,
         "query": knobs.get("query", "feature"),
-        "mode": mode,
+        "mode": mode if m.mode() == mode else f"{mode}: a {m.mode()}",  # hnsw feature
         "build_threads": build_threads,
         "N": n,
         "kind": rec["kind"],

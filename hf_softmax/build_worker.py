@@ -10,13 +10,13 @@ waits (both release the GIL):
    its pages are faulted in once, not per rebuild (copying 1 GB into fresh memory stalled a
    10^6-class step for 0.4 s). A row a concurrent step writes may be copied half-updated,
    as in a build thread (the index is approximate anyway; the row is marked touched again);
-2. the worker builds (or refreshes: it keeps the index it built last, so an hnsw refresh
-   copies no graph in the training process) with its own threads, ``build_threads`` of
-   them (annoy ``n_jobs``, hnsw ``num_threads``, faiss ``threads``; faiss on the CPU,
-   ``FaissSampler.worker_knobs``), and saves the index to a file;
-3. the trainer loads the file (``index_files.load_index``: annoy and faiss ivf mmapped;
-   hnswlib copies its graph under the GIL, a few hundred ms at 10^6 x 256); the maintainer
-   swaps the index in at the next step start.
+2. the worker builds (or refreshes the index it built last: hnsw in place, the class's
+   ``worker_knobs``) with its own threads, ``build_threads`` of them (annoy ``n_jobs``,
+   hnsw ``num_threads``, faiss ``threads``; faiss on the CPU), and saves it to a file;
+3. the trainer loads the file (``index_files.load_index``: annoy and faiss ivf mmapped);
+   the maintainer swaps the index in at the next step start. hnswlib would read a graph
+   whole under the GIL, so hnsw in feature mode builds in a thread instead
+   (``index_build.background_mode``).
    In label mode (``sampler.query=label``) the worker hands back only the class-neighbour
    table it computes from the fresh index (``<index file>.table.npy``, mmapped by the
    trainer); the index stays in the worker (``WorkerIndex`` stands for it): the trainer

@@ -9,6 +9,7 @@ settles before its first build (``auto``'s backend, the same on every DDP rank).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import traceback
@@ -20,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from hf_softmax.collectives import rank0_object
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,3 +92,34 @@ def prepare_first_build(classifier: Any, target: float | None, restored: Any) ->
             sampler.adopt(agreed)
             ready = None  # built for another backend
     return ready
+
+
+def background_mode(background: bool | str, sampler: Any) -> str:
+    """How a rebuild runs, "inline", "thread" or "process", for ``RebuildSettings.background``.
+    A sampler whose index loads only under the GIL (``loads_with_gil``: hnsw) and that
+    queries it in the training process builds in a thread instead of a worker: its build
+    releases the GIL, a load would hold it inside a step."""
+    if background == "auto":
+        return "inline" if sampler.inline_build else "thread"
+    if background is True or background is False:
+        return "thread" if background else "inline"
+    if background == "process" and sampler.loads_with_gil and sampler.queries_features:
+        return "thread"
+    return str(background)
+
+
+def settle_upkeep(sampler: Any, settings: Any, mode: str) -> None:
+    """After the first build, before the first step, where a pause costs no step. ``mode``:
+    ``background_mode``'s. Where it runs ``background: process`` in a thread, the build takes
+    ``settings.build_threads`` threads there (the sampler's ``build_threads``) and the log
+    says why. A sampler that refreshes in this process gets ready for it
+    (``Sampler.ready_for_refresh``: hnsw copies its spare graph now, not in a step)."""
+    if settings.background == "process" and mode == "thread":
+        if settings.build_threads is not None:
+            sampler.build_threads = int(settings.build_threads)
+        log.info("sampler %s: background=process builds in a thread of the training process "
+                 "(%s build threads): its index would load under the GIL, inside a step, while "
+                 "its build releases the GIL", sampler.name,
+                 settings.build_threads or "its own")  # fmt: skip
+    if settings.refresh and mode != "process":
+        sampler.ready_for_refresh()

@@ -18,14 +18,13 @@ Schedule (``interval`` in global optimizer steps):
   ``adaptive`` rebuilds at the next step when it falls below ``min_recall``,
   ``target_recall`` tunes the query effort or rebuilds early (``hf_softmax.recall_target``).
 
-Build modes (``RebuildSettings.background``): inline (the step waits); a thread (copies the
-weights and builds in a daemon thread; a row a concurrent step writes may be copied
-half-updated: the index is approximate anyway and the row is marked touched again); a
-process (``hf_softmax.build_worker``). A finished background build is swapped in at the
-first step start after it; the old index serves meanwhile. A rebuild due while one runs
-starts when it finishes. A build that raises is logged once with its traceback; the old
-index keeps serving and the next due rebuild retries. Samplers with a ``refresh`` (hnsw) get
-the rows updated since the last build instead of a full rebuild when they accept it.
+Build modes (``RebuildSettings.background``, ``index_build.background_mode``): inline (the
+step waits); a thread (snapshot and build in a daemon thread; a row a concurrent step writes
+may be copied half-updated, and is marked touched again); a process (``build_worker``; hnsw
+in feature mode: a thread, its graph loads under the GIL). A finished build is swapped in at
+the next step start, the old index serving meanwhile; one due while one runs starts after
+it. A build that raises is logged with its traceback; the old index serves on and the next
+due rebuild retries. A sampler's ``refresh`` (hnsw) gets the rows updated since the last.
 
 Each hook returns the metrics to log: ``index/rebuild_seconds``, ``index/builds``,
 ``index/recall@k`` (``@<k>`` with a fixed ``probe_k``), ``index/k``, ``index/num``,
@@ -44,7 +43,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_softmax.index_build import BuildJob, prepare_first_build, run_build
+from hf_softmax.index_build import (
+    BuildJob,
+    background_mode,
+    prepare_first_build,
+    run_build,
+    settle_upkeep,
+)
 from hf_softmax.rebuild_settings import RebuildRecord, RebuildSettings
 from hf_softmax.recall_probe import measure_recall
 from hf_softmax.recall_target import RecallTarget
@@ -103,13 +108,8 @@ class IndexMaintainer:
         return self._worker
 
     def mode(self) -> str:
-        """How the next rebuild runs: "inline", "thread" or "process"."""
-        bg = self.settings.background
-        if bg == "auto":
-            return "inline" if self.sampler.inline_build else "thread"
-        if bg is True:
-            return "thread"
-        return "inline" if bg is False else str(bg)
+        """How the next rebuild runs: "inline", "thread" or "process" (``background_mode``)."""
+        return background_mode(self.settings.background, self.sampler)
 
     def records(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.history]
@@ -148,10 +148,10 @@ class IndexMaintainer:
         else:
             run_build(job, sampler, self.classifier.snapshot_weights(), np.empty(0, np.int64))
         if job.error is not None:
-            raise RuntimeError(
-                f"initial index build of sampler {sampler.name!r} failed at step {step}"
-            ) from job.error
+            msg = f"initial index build of sampler {sampler.name!r} failed at step {step}"
+            raise RuntimeError(msg) from job.error
         sampler.swap(job.index, job.table)
+        settle_upkeep(sampler, self.settings, self.mode())
         self.builds += 1
         self.last_build_step = step
         self.history.append(RebuildRecord(step, step, job.seconds, "build", False))

@@ -177,10 +177,10 @@ def test_close_drops_a_running_build():
     assert not m.busy and m.on_step_start(1) == {}
 
 
-@pytest.mark.parametrize("name", ["annoy", "hnsw", "exact"])
+@pytest.mark.parametrize("name", ["annoy", "exact"])
 def test_process_build_matches_a_build_in_this_process(name):
     """The worker's index (through shared memory and a file) answers like one built here."""
-    knobs = {"annoy": {"ntrees": 4, "n_jobs": 1}, "hnsw": {"num_threads": 1}}.get(name, {})
+    knobs = {"annoy": {"ntrees": 4, "n_jobs": 1}}.get(name, {})
     clf = make(name, **knobs)
     m = IndexMaintainer(clf, interval=100, background="process", probe_every=0, build_threads=1)
     m.start(0)
@@ -192,22 +192,44 @@ def test_process_build_matches_a_build_in_this_process(name):
         weights = clf.snapshot_weights()
         reference = make(name, **knobs).sampler
         reference.swap(reference.build_index(weights))
-        feats = torch.randn(B, D).numpy()
-        if name != "hnsw":  # annoy: same seed, same rows -> same forest; exact: same rows
-            np.testing.assert_array_equal(clf.sampler.query(feats, 5), reference.query(feats, 5))
-        else:  # hnsw builds in threads: not bit-exact; a good graph all the same
-            truth = exact_topk(weights, feats, 5, "ip")
-            assert recall_at_k(clf.sampler.query(feats, 5), truth) >= 0.8
-        if name == "hnsw":  # the worker refreshes the graph it built (none copied here)
-            train(clf, m, range(101, 102))
-            m.on_step_start(200)
-            m.wait(200)
-            assert [r.kind for r in m.history] == ["build", "refresh", "refresh"]
-            truth = exact_topk(clf.snapshot_weights(), feats, 5, "ip")
-            assert recall_at_k(clf.sampler.query(feats, 5), truth) >= 0.8
+        feats = torch.randn(B, D).numpy()  # annoy: same seed, same rows -> same forest
+        np.testing.assert_array_equal(clf.sampler.query(feats, 5), reference.query(feats, 5))
     finally:
         m.close()
     assert m.worker is None
+
+
+@pytest.mark.parametrize("query", ["feature", "label"])
+def test_hnsw_under_background_process(query, caplog):
+    """hnswlib reads a graph file whole under the GIL, so the trainer never loads one: in
+    feature mode ``background=process`` refreshes in a thread with ``build_threads``
+    add_items threads (the spare graph: two graphs take turns, none is copied after start);
+    in label mode the worker refreshes its own graph in place and hands back the table."""
+    clf = make("hnsw", num_threads=2, query=query, table_k=4)
+    m = IndexMaintainer(clf, interval=100, background="process", probe_every=0, build_threads=1)
+    with caplog.at_level("INFO", logger="hf_softmax.index_build"):
+        m.start(0)
+    sampler = clf.sampler
+    graphs = {id(sampler.index), id(sampler._spare)}
+    try:
+        for step in (100, 200):
+            train(clf, m, range(step - 2, step))
+            m.on_step_start(step)
+            m.wait(step)
+        assert [r.kind for r in m.history] == ["build", "refresh", "refresh"]
+        assert m.failures == 0 and all(r.background for r in list(m.history)[1:])
+        feats = torch.randn(B, D).numpy()
+        if query == "feature":
+            assert m.mode() == "thread" and m.worker is None and sampler.build_threads == 1
+            assert "under the GIL" in caplog.text and id(sampler.index) in graphs
+            truth = exact_topk(clf.snapshot_weights(), feats, 5, "ip")
+            assert recall_at_k(sampler.query(feats, 5), truth) >= 0.8
+        else:
+            assert m.mode() == "process" and m.worker.pid is not None
+            assert isinstance(sampler.index, WorkerIndex) and sampler.table.shape == (N, 4)
+            assert sampler._spare is None and sampler.build_threads is None
+    finally:
+        m.close()
 
 
 @pytest.mark.parametrize("name", ["annoy", "exact"])

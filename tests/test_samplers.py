@@ -205,30 +205,55 @@ def test_ann_recall_at_10_against_exact(name, knobs, floor, metric):
     assert recall_at_k(found, exact_topk(rows, feats, 10, metric)) >= floor
 
 
-@pytest.mark.parametrize("in_place", [False, True])
-def test_hnsw_refresh_updates_only_changed_rows(in_place):
+def test_hnsw_refresh_in_place_updates_only_changed_rows():
     rows, feats, _ = clustered(n=1000, d=16)
-    sampler = make("hnsw", 1000, 50, "ip", refresh_in_place=in_place)
+    sampler = make("hnsw", 1000, 50, "ip", refresh_in_place=True)
     old = sampler.build_index(rows)
     sampler.swap(old)
     q = feats[:3].numpy()
-    before = sampler.query(q, 1)[:, 0]
     changed = np.array([11, 222, 777])
     new_rows = rows.copy()
     new_rows[changed] = 50.0 * q  # each changed row becomes the top inner product of one query
-    fresh = sampler.refresh(new_rows, changed)
-    if in_place:
-        assert fresh is old
-    else:
-        assert fresh is not old
-        assert np.array_equal(sampler.query(q, 1)[:, 0], before)  # serving index untouched
-        sampler.swap(fresh)
+    assert sampler.refresh(new_rows, changed) is old
     assert sampler.query(q, 1)[:, 0].tolist() == changed.tolist()
     # only the changed rows as input works too, and the other rows are as built
     again = sampler.refresh(new_rows[changed] * 2, changed)
     assert np.allclose(again.get_items([5])[0], rows[5])
     # refreshing more than refresh_fraction of the rows is a full build
     assert sampler.refresh(new_rows, np.arange(400)) is not sampler.index
+
+
+def test_hnsw_refresh_updates_the_spare_graph_never_a_copy():
+    """Two graphs take turns: a refresh brings the one out of service up to date with every
+    row it lacks while the serving one stays as it is; swapped or not, each graph's rows
+    always end up equal to W (checked row by row against W itself), and after
+    ``ready_for_refresh`` no refresh makes a graph (each returns one of the same two)."""
+    rng = np.random.default_rng(0)
+    n, d = 2000, 16
+    w = rng.standard_normal((n, d)).astype(np.float32)
+    sampler = make("hnsw", n, 50, "ip", refresh_fraction=1.0)
+    sampler.swap(sampler.build_index(w))
+    sampler.ready_for_refresh()
+    graphs = {id(sampler.index), id(sampler._spare)}
+    assert len(graphs) == 2
+    everything = np.arange(n)
+    for r in range(9):  # the last one is swapped in
+        changed = rng.choice(n, 100, replace=False)
+        w[changed] = rng.standard_normal((100, d)).astype(np.float32)
+        serving = np.asarray(sampler.index.get_items(everything))
+        fresh = sampler.refresh(w.copy(), changed)
+        assert id(fresh) in graphs and fresh is not sampler.index
+        np.testing.assert_array_equal(np.asarray(sampler.index.get_items(everything)), serving)
+        np.testing.assert_allclose(np.asarray(fresh.get_items(everything)), w)
+        if r % 3 != 1:  # a refresh that is never swapped in (a dropped build) changes nothing
+            sampler.swap(fresh)
+    q = rng.standard_normal((64, d)).astype(np.float32)
+    assert recall_at_k(sampler.query(q, 10), exact_topk(w, torch.from_numpy(q), 10, "ip")) >= 0.9
+    # a refresh re-inserting more than refresh_fraction of the rows is a full build
+    sampler.refresh_fraction = 0.01
+    assert id(sampler.refresh(w, np.arange(100))) not in graphs
+    with pytest.raises(ValueError, match="full"):  # the spare needs the whole snapshot
+        sampler.refresh(w[:3], np.arange(3))
 
 
 @pytest.mark.parametrize("metric", ["ip", "cosine"])

@@ -71,6 +71,9 @@ class Sampler(SamplerTuning, SamplerState):
     index_after: int = 0
     correction: str = "none"
     inline_build: bool = False  # builds cheap enough to run inside the step (background: auto)
+    # a built index loads into the training process only under the GIL for long (hnswlib
+    # reads a graph whole): ``background: process`` builds such an index in a thread instead
+    loads_with_gil: bool = False
     # constructor knobs kept under another attribute name (``query`` is also a method)
     knob_attributes = {"query": "query_mode"}
 
@@ -200,6 +203,10 @@ class Sampler(SamplerTuning, SamplerState):
     def refresh(self, weights: np.ndarray, changed_ids: np.ndarray) -> Any | None:
         """Incremental update of only ``changed_ids``; None means unsupported (rebuild instead)."""
         return None
+
+    def ready_for_refresh(self) -> None:
+        """After the first build, before the first step: what ``refresh`` in this process
+        needs made while no step runs (hnsw: its spare graph). Nothing by default."""
 
     def query(self, features: np.ndarray, k: int) -> np.ndarray:
         """features (B, D) float32 -> (B, k) int64 class ids, nearest first, -1 where missing."""
