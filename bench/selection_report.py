@@ -215,7 +215,7 @@ def _plot(label: dict[str, Any] | None, stall: dict[str, Any] | None) -> str | N
     if not label and not stall:
         return None
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4))
     for res in (label or {}).get("results", []):
         names = [m for m in res["modes"] if m != "full"]
         axes[0].plot(
@@ -227,14 +227,17 @@ def _plot(label: dict[str, Any] | None, stall: dict[str, Any] | None) -> str | N
     axes[0].tick_params(axis="x", rotation=20)
     if (label or {}).get("results"):
         axes[0].legend(fontsize=8)
+    groups: dict[str, list[dict[str, Any]]] = {}  # one colour and legend entry per kind
     for r in (stall or {}).get("rows", []):
-        tag = f"{r['index']} {r['kind']} {r['mode']}"
-        axes[1].scatter(r["N"], r["max_over_median"], label=tag)
+        spare = " (spare graph)" if str(r.get("run", "")).startswith("stall_hnsw_spare") else ""
+        groups.setdefault(f"{r['index']} {r['kind']}, {r['mode']}{spare}", []).append(r)
+    for tag, rows in groups.items():
+        axes[1].scatter([r["N"] for r in rows], [r["max_over_median"] for r in rows], label=tag)
     axes[1].axhline(2.0, ls="--", c="gray", lw=1)
     axes[1].set(xscale="log", yscale="log", xlabel="N", ylabel="longest step / median step")
     axes[1].set_title("steps while a build runs (target ≤ 2)")
-    if (stall or {}).get("rows"):
-        axes[1].legend(fontsize=7)
+    if groups:
+        axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     save_figure(fig, "selection", OUT_DIR)
     return "selection.png"
 

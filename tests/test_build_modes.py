@@ -44,3 +44,21 @@ def test_every_sampler_builds_rebuilds_and_serves(name, background, query):
         assert out.active.num_index > 0 and sampler.num_fallbacks == 0
     finally:
         m.close()
+
+
+def test_stall_and_index_cost_benchmarks_refresh_hnsw():
+    """The benchmarks that time hnsw refreshes run them the way training does: the spare graph
+    made before the steps, feature-mode ``process`` run (and labelled) as a thread."""
+    import numpy as np
+
+    from bench.build_stall import stall
+    from bench.index_cost import run
+
+    w = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32) * 0.05
+    for mode, where in (("thread", "thread"), ("process", "process: a thread")):
+        res = stall("hnsw", w, mode, 1, refresh=True, batch=16, num=50, baseline_steps=3,
+                    num_threads=1)  # fmt: skip
+        assert res["kind"] == "refresh" and res["mode"] == where and res["steps_during"] >= 1
+    rows = [r for r in run(sizes=[2000], dim=16)["rows"] if r["index"].startswith("hnsw")]
+    assert [r["op"] for r in rows][1:] == ["refresh 1% of rows", "refresh 10% of rows"]
+    assert all(r["recall"] >= 0.9 for r in rows)
