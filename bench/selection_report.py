@@ -211,6 +211,14 @@ def scale_section(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+# build_stall runs after a fix, told apart in the plot (run name prefix -> legend suffix)
+_FIXES = {
+    "stall_hnsw_spare": " (spare graph)",
+    "stall_annoy_thread_yield": " (GIL handed over)",
+    "stall_annoy_thread_disk": " (GIL handed over, nodes in a file)",
+}
+
+
 def _plot(label: dict[str, Any] | None, stall: dict[str, Any] | None) -> str | None:
     if not label and not stall:
         return None
@@ -229,8 +237,9 @@ def _plot(label: dict[str, Any] | None, stall: dict[str, Any] | None) -> str | N
         axes[0].legend(fontsize=8)
     groups: dict[str, list[dict[str, Any]]] = {}  # one colour and legend entry per kind
     for r in (stall or {}).get("rows", []):
-        spare = " (spare graph)" if str(r.get("run", "")).startswith("stall_hnsw_spare") else ""
-        groups.setdefault(f"{r['index']} {r['kind']}, {r['mode']}{spare}", []).append(r)
+        run = str(r.get("run", ""))
+        what = next((v for k, v in _FIXES.items() if run.startswith(k)), "")
+        groups.setdefault(f"{r['index']} {r['kind']}, {r['mode']}{what}", []).append(r)
     for tag, rows in groups.items():
         axes[1].scatter([r["N"] for r in rows], [r["max_over_median"] for r in rows], label=tag)
     axes[1].axhline(2.0, ls="--", c="gray", lw=1)

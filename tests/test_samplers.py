@@ -320,3 +320,49 @@ def test_faiss_state_round_trip_selects_the_same():
     again = b.select(feats[:16], labels)
     assert torch.equal(again.ids, first.ids) and again.num_index == first.num_index > 0
     assert b.num_selects == a.num_selects
+
+
+def test_annoy_build_holds_every_row_as_a_plain_build_does():
+    """build_index adds the rows in small chunks, handing the GIL over between them: the
+    forest is the one annoy builds from the same rows added one by one (same seed)."""
+    from annoy import AnnoyIndex
+
+    rows = np.random.default_rng(3).standard_normal((1000, 8)).astype(np.float32)  # 15 chunks + 40
+    index = make("annoy", 1000, 50, "ip", ntrees=4, n_jobs=1).build_index(rows)
+    plain = AnnoyIndex(8, "dot")
+    plain.set_seed(0)
+    for i, row in enumerate(rows):
+        plain.add_item(i, row.tolist())
+    plain.build(4, n_jobs=1)
+    assert index.get_n_items() == 1000
+    np.testing.assert_allclose([index.get_item_vector(i) for i in (0, 63, 64, 999)],
+                               rows[[0, 63, 64, 999]], rtol=1e-6)  # fmt: skip
+    for q in rows[:20]:
+        assert index.get_nns_by_vector(q.tolist(), 10) == plain.get_nns_by_vector(q.tolist(), 10)
+
+
+def test_annoy_builds_into_files_and_deletes_the_ones_nothing_serves(tmp_path, caplog):
+    """Each build writes its nodes into a new file under ``build_dir``; the next build deletes
+    every earlier file but the serving index's; the build worker builds in memory (annoy's
+    save of an index built on disk writes nothing); no room for the file: in memory, said
+    once."""
+    from hf_softmax.build_worker import sampler_spec
+    from hf_softmax.samplers.build_files import BuildFiles
+
+    rows = np.random.default_rng(4).standard_normal((500, 8)).astype(np.float32)
+    sampler = make("annoy", 500, 20, "ip", ntrees=2, n_jobs=1, build_dir=str(tmp_path))
+    names = []
+    for _ in range(3):
+        index = sampler.build_index(rows)
+        files = sorted(p.name for p in tmp_path.glob("*/build-*.ann"))
+        names.append(files)
+        sampler.swap(index)
+    assert names == [["build-1.ann"], ["build-1.ann", "build-2.ann"],
+                     ["build-2.ann", "build-3.ann"]]  # fmt: skip
+    assert sampler.query(rows[:4], 3).shape == (4, 3)  # served from its file
+    assert sampler_spec(sampler, 1)[1]["build_dir"] == "memory"
+    files = BuildFiles(str(tmp_path))
+    with caplog.at_level("WARNING", logger="hf_softmax.samplers.build_files"):
+        assert files.next_path(10**18, serving=None) is None
+        assert files.next_path(10**18, serving=None) is None
+    assert caplog.text.count("building in memory") == 1

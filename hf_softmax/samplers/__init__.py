@@ -49,13 +49,12 @@ __all__ = [
 # given when N is known, never in a sampler's YAML
 GIVEN = frozenset({"self", "num_classes", "metric", "seed"})
 # modules the samplers use, not kinds of sampler
-_SHARED = frozenset({"base", "active_set", "state", "tuning", "race"})
+_SHARED = frozenset({"base", "active_set", "state", "tuning", "race", "build_files"})
 _HYDRA_KEYS = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_args_"})
 
 
 def sampler_names() -> list[str]:
-    """The sampler kinds: the modules of this package (``base``, ``active_set`` and ``state``
-    aside)."""
+    """The sampler kinds: the modules of this package (the shared parts, ``_SHARED``, aside)."""
     here = __path__  # type: ignore[name-defined]  # this package's folder
     return sorted(m.name for m in pkgutil.iter_modules(here) if m.name not in _SHARED)
 

@@ -11,7 +11,8 @@ batch is split over ``query_threads`` threads). The label-mode table asks for ea
 neighbours by item id (``get_nns_by_item``: no list conversion, GIL released) over ``n_jobs``
 threads, the build's own. Rows are added in chunks so that a
 background build never holds the GIL for long (a training step in the main thread would
-wait on it).
+wait on it), into a file, not memory (``build_dir``, ``build_files.BuildFiles``: sizing
+the nodes in memory holds the GIL for seconds at 10^6 x 256).
 Annoy indexes are immutable after ``build``: every rebuild builds a new object from a
 snapshot, so the serving index is never mutated (no lock on the query path).
 """
@@ -19,6 +20,7 @@ snapshot, so the serving index is never mutated (no lock on the query path).
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,9 +28,10 @@ import numpy as np
 from annoy import AnnoyIndex
 
 from hf_softmax.samplers.base import Sampler
+from hf_softmax.samplers.build_files import MEMORY, BuildFiles, annoy_bytes
 
 ANNOY_METRIC = {"ip": "dot", "cosine": "angular"}
-_ADD_CHUNK = 4096  # rows converted per tolist(): ~1 ms of GIL at D = 256
+_ADD_CHUNK = 64  # rows per tolist(); the GIL is handed over after each chunk (build_index)
 _POOLS: dict[int, ThreadPoolExecutor] = {}  # shared query pools, by size (never pickled)
 
 
@@ -47,6 +50,9 @@ class AnnoySampler(Sampler):
     dense = False
     needs_index = True
     effort_knob = "search_k"  # nodes inspected per query
+    # the worker saves its index to the file the trainer maps; annoy's save of an index
+    # built on disk writes nothing, so there it builds in memory (no step to stall)
+    worker_knobs = {"build_dir": MEMORY}
 
     def __init__(
         self,
@@ -58,6 +64,7 @@ class AnnoySampler(Sampler):
         search_k: int = -1,
         n_jobs: int = -1,
         query_threads: int = -1,
+        build_dir: str | None = None,
         **selection: Any,
     ) -> None:
         super().__init__(num_classes, num, metric, seed, **selection)
@@ -65,6 +72,8 @@ class AnnoySampler(Sampler):
         self.search_k = int(search_k)
         self.n_jobs = int(n_jobs)
         self.query_threads = int(query_threads) if query_threads > 0 else (os.cpu_count() or 1)
+        self.build_dir = build_dir
+        self._files = BuildFiles(build_dir)
 
     def build_index(self, weights: np.ndarray) -> AnnoyIndex:
         """(N, D) float32 snapshot -> a built AnnoyIndex (items 0..N-1)."""
@@ -74,15 +83,23 @@ class AnnoySampler(Sampler):
             raise ValueError(f"sampler 'annoy': weights have {n} rows, expected {self.num_classes}")
         index = AnnoyIndex(d, ANNOY_METRIC[self.metric])
         index.set_seed(self.seed)
+        path = self._files.next_path(annoy_bytes(n, d, self.ntrees), serving=self._index)
+        if path is not None:
+            index.on_disk_build(path)  # the node file grows sparse: no GIL-held memset
         add = index.add_item
         # The highest id first: Annoy sizes its node buffer once, instead of growing (and
-        # copying) it under the GIL as ids climb (a ~0.3 s stall at 10^5 x 256).
+        # copying) it under the GIL as ids climb (a ~0.3 s stall at 10^5 x 256 in memory).
         add(n - 1, weights[n - 1].tolist())
         for start in range(0, n, _ADD_CHUNK):
-            # lists convert faster than numpy rows; chunks keep each GIL hold short
+            # lists convert faster than numpy rows; add_item holds the GIL, so after each
+            # chunk a training thread waiting for it gets it (sleep(0) releases it): one that
+            # waited for the switch interval at every torch op stalled a step for the whole
+            # loop (1.8 s at 10^5 x 256 in a build thread)
             for i, row in enumerate(weights[start : start + _ADD_CHUNK].tolist(), start):
                 add(i, row)
+            time.sleep(0)
         index.build(self.ntrees, n_jobs=self.n_jobs)
+        self._files.built(index, path)
         return index
 
     def query(self, features: np.ndarray, k: int) -> np.ndarray:
