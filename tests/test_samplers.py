@@ -2,6 +2,7 @@
 
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -361,6 +362,12 @@ def test_annoy_builds_into_files_and_deletes_the_ones_nothing_serves(tmp_path, c
                      ["build-2.ann", "build-3.ann"]]  # fmt: skip
     assert sampler.query(rows[:4], 3).shape == (4, 3)  # served from its file
     assert sampler_spec(sampler, 1)[1]["build_dir"] == "memory"
+    dead = tmp_path / "hf_softmax-annoy-999999999-x"  # left by a killed process
+    dead.mkdir()
+    (dead / "build-1.ann").write_bytes(b"0")
+    mine = next(tmp_path.glob(f"hf_softmax-annoy-{os.getpid()}-*"))
+    assert BuildFiles(str(tmp_path)).next_path(1000, serving=None) is not None
+    assert not dead.exists() and mine.exists()
     files = BuildFiles(str(tmp_path))
     with caplog.at_level("WARNING", logger="hf_softmax.samplers.build_files"):
         assert files.next_path(10**18, serving=None) is None

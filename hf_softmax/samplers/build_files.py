@@ -13,7 +13,8 @@ size free (a mapped file that cannot grow kills the process with SIGBUS); else, 
 ``memory``, in memory as before (logged once). Each build gets a new file. At the next build
 (in the build's thread) the files of all earlier builds but the serving one's are deleted:
 their pages are freed there, not in the step that drops the old index. The directory goes
-with the sampler (or at exit).
+with the sampler (or at exit); one left by a process that was killed (its pid in the name)
+is deleted when the next process makes its own there.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MEMORY = "memory"  # build_dir value: build in process memory
+PREFIX = "hf_softmax-annoy-"  # + "<pid>-<random>": a process's build directory
 
 
 def annoy_bytes(n: int, dim: int, ntrees: int) -> int:
@@ -75,7 +77,9 @@ class BuildFiles:
         candidates = [self.where] if self.where else ["/dev/shm", tempfile.gettempdir()]
         for base in candidates:
             if base and os.path.isdir(base) and _room(Path(base), nbytes):
-                self._dir = Path(tempfile.mkdtemp(prefix="hf_softmax-annoy-", dir=base))
+                _sweep_dead(Path(base))
+                prefix = f"{PREFIX}{os.getpid()}-"
+                self._dir = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
                 weakref.finalize(self, shutil.rmtree, str(self._dir), True)
                 return self._dir
         if not self._warned:
@@ -88,3 +92,22 @@ class BuildFiles:
 
 def _room(folder: Path, nbytes: int) -> bool:
     return shutil.disk_usage(folder).free >= 2 * nbytes
+
+
+def _sweep_dead(base: Path) -> None:
+    """Delete the build directories under ``base`` of processes no longer running (killed
+    before their exit could: in /dev/shm their files would hold RAM until a reboot)."""
+    for folder in base.glob(f"{PREFIX}*-*"):
+        pid = folder.name[len(PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
