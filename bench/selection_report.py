@@ -18,7 +18,8 @@ reads them):
 - ``python -m bench.effort_retune`` -> ``effort_retune.json``: what one ``target_recall``
   probe on trained-like rows does to the effort a race on a fresh run's rows chose.
 
-``python -m bench.selection_report`` re-renders docs/bench/selection.md and its plot;
+``python -m bench.selection_report`` re-renders docs/bench/selection.md and its plot
+(``bench.selection_plot``);
 ``python -m bench.all --reuse`` puts it into docs/benchmarks.md.
 """
 
@@ -28,8 +29,9 @@ from typing import Any
 
 from bench import auto_race, effort_retune
 from bench.formatting import markdown_table
-from bench.output import pyplot, read_json, save_figure
+from bench.output import read_json
 from bench.paths import OUT_DIR
+from bench.selection_plot import selection_plot
 
 GIB = 2**30
 
@@ -211,46 +213,6 @@ def scale_section(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-# build_stall runs after a fix, told apart in the plot (run name prefix -> legend suffix)
-_FIXES = {
-    "stall_hnsw_spare": " (spare graph)",
-    "stall_annoy_thread_yield": " (GIL handed over)",
-    "stall_annoy_thread_disk": " (GIL handed over, nodes in a file)",
-}
-
-
-def _plot(label: dict[str, Any] | None, stall: dict[str, Any] | None) -> str | None:
-    if not label and not stall:
-        return None
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4))
-    for res in (label or {}).get("results", []):
-        names = [m for m in res["modes"] if m != "full"]
-        axes[0].plot(
-            names, [res["modes"][m]["vs_random"] for m in names], "o-", label=f"N = {res['N']:,}"
-        )
-    axes[0].axhline(1.2, ls="--", c="gray", lw=1)
-    axes[0].axhline(2.0, ls=":", c="gray", lw=1)
-    axes[0].set(ylabel="step time / random's", title="selection cost (label ≤ 1.2, feature ≤ 2)")
-    axes[0].tick_params(axis="x", rotation=20)
-    if (label or {}).get("results"):
-        axes[0].legend(fontsize=8)
-    groups: dict[str, list[dict[str, Any]]] = {}  # one colour and legend entry per kind
-    for r in (stall or {}).get("rows", []):
-        run = str(r.get("run", ""))
-        what = next((v for k, v in _FIXES.items() if run.startswith(k)), "")
-        groups.setdefault(f"{r['index']} {r['kind']}, {r['mode']}{what}", []).append(r)
-    for tag, rows in groups.items():
-        axes[1].scatter([r["N"] for r in rows], [r["max_over_median"] for r in rows], label=tag)
-    axes[1].axhline(2.0, ls="--", c="gray", lw=1)
-    axes[1].set(xscale="log", yscale="log", xlabel="N", ylabel="longest step / median step")
-    axes[1].set_title("steps while a build runs (target ≤ 2)")
-    if groups:
-        axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    save_figure(fig, "selection", OUT_DIR)
-    return "selection.png"
-
-
 def render() -> str | None:
     """The section's markdown (plot links relative to docs/), or None without any results."""
     label, stall = read_json("label_speed"), read_json("build_stall")
@@ -288,7 +250,7 @@ def render() -> str | None:
     if retune:
         title = "### After the race: one probe on trained-like rows (`bench/effort_retune.py`)"
         parts += [title, ""] + effort_retune.render(retune) + [""]
-    plot = _plot(label, stall)
+    plot = selection_plot(label, stall)
     if plot:
         parts += [f"![selection cost](bench/{plot})"]
     return "\n".join(parts).rstrip()
