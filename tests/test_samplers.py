@@ -3,6 +3,7 @@
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -373,3 +374,34 @@ def test_annoy_builds_into_files_and_deletes_the_ones_nothing_serves(tmp_path, c
         assert files.next_path(10**18, serving=None) is None
         assert files.next_path(10**18, serving=None) is None
     assert caplog.text.count("building in memory") == 1
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux: /proc/self/maps")
+def test_annoy_swap_unmaps_the_old_index_outside_the_step(tmp_path):
+    """A swap hands the index it takes out of service to a thread that drops its page-table
+    entries (``release_file_mappings``, GIL released) and then the index; the file's data
+    stays mapped where it serves: an index whose entries were dropped answers as before."""
+    from hf_softmax.page_release import release_file_mappings
+    from hf_softmax.samplers.build_files import BuildFiles
+
+    def mapped() -> set[str]:
+        with open("/proc/self/maps") as fh:
+            return {line.split(maxsplit=5)[5].rstrip("\n") for line in fh if "build-" in line}
+
+    rows = np.random.default_rng(5).standard_normal((20000, 16)).astype(np.float32)
+    sampler = make("annoy", 20000, 20, "ip", ntrees=4, n_jobs=1, build_dir=str(tmp_path))
+    sampler.swap(sampler.build_index(rows))
+    first = next(tmp_path.glob("*/build-1.ann"))
+    before = sampler.query(rows[:50], 5)
+    assert release_file_mappings(first) > 0  # entries dropped; the data stays in the file
+    assert np.array_equal(sampler.query(rows[:50], 5), before)
+    assert release_file_mappings(tmp_path / "nothing-maps-this") == 0
+    assert str(first) in mapped()
+    sampler.swap(sampler.build_index(rows))
+    deadline = time.monotonic() + 10
+    while str(first) in mapped() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert str(first) not in mapped()  # dropped by the retiring thread
+    assert str(next(tmp_path.glob("*/build-2.ann"))) in mapped()  # serving
+    assert np.array_equal(sampler.query(rows[:50], 5), before)  # same seed, same rows
+    assert BuildFiles(str(tmp_path)).retire(object()) is None  # not built there: as before

@@ -31,7 +31,11 @@ from hf_softmax.samplers.base import Sampler
 from hf_softmax.samplers.build_files import MEMORY, BuildFiles, annoy_bytes
 
 ANNOY_METRIC = {"ip": "dot", "cosine": "angular"}
-_ADD_CHUNK = 64  # rows per tolist(); the GIL is handed over after each chunk (build_index)
+# rows per tolist(); the GIL is handed over after each chunk (build_index). A training step
+# gives the GIL up at every torch op (hundreds per step) and waits up to one chunk to get it
+# back: 64 rows made a step beside the build 8.7x the median at 10^5 x 256, 8 rows 2.2x
+# (the rows go in slower beside training: that build took 4.1 s, not 2.5 s)
+_ADD_CHUNK = 8
 _POOLS: dict[int, ThreadPoolExecutor] = {}  # shared query pools, by size (never pickled)
 
 
@@ -94,13 +98,21 @@ class AnnoySampler(Sampler):
             # lists convert faster than numpy rows; add_item holds the GIL, so after each
             # chunk a training thread waiting for it gets it (sleep(0) releases it): one that
             # waited for the switch interval at every torch op stalled a step for the whole
-            # loop (1.8 s at 10^5 x 256 in a build thread)
+            # loop (1.8 s at 10^5 x 256 in a build thread; _ADD_CHUNK)
             for i, row in enumerate(weights[start : start + _ADD_CHUNK].tolist(), start):
                 add(i, row)
             time.sleep(0)
         index.build(self.ntrees, n_jobs=self.n_jobs)
         self._files.built(index, path)
         return index
+
+    def swap(self, index: Any, table: np.ndarray | None = None) -> None:
+        """As ``Sampler.swap``; the index taken out of service is dropped in a thread of its
+        own (``BuildFiles.retire``), not in the step that swapped (78 ms at 10^6 x 256)."""
+        old = self._index
+        super().swap(index, table)
+        if old is not None and old is not index:
+            self._files.retire(old)
 
     def query(self, features: np.ndarray, k: int) -> np.ndarray:
         return self.query_index(self._index, features, k)  # read once: a swap cannot tear it

@@ -145,7 +145,9 @@ class Sampler(SamplerTuning, SamplerState):
         return self._index is not None
 
     def build_index(self, weights: np.ndarray) -> Any:
-        """weights: (N, D) float32 snapshot -> a new index. Pure: never touches ``self.index``."""
+        """weights: (N, D) float32 snapshot -> a new index. Pure: never touches ``self.index``,
+        and keeps no view of ``weights`` (a background build hands the snapshot's memory
+        back to the kernel once the build is done)."""
         return None
 
     @property
