@@ -12,6 +12,8 @@ _FIXES = {
     "stall_hnsw_spare": " (spare graph)",
     "stall_annoy_thread_yield": " (GIL handed over)",
     "stall_annoy_thread_disk": " (GIL handed over, nodes in a file)",
+    "stall_annoy_thread_r64": " (every 64 rows, side by side)",
+    "stall_annoy_thread_r8": " (every 8 rows, pages released)",
 }
 
 

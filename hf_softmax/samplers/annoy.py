@@ -34,7 +34,8 @@ ANNOY_METRIC = {"ip": "dot", "cosine": "angular"}
 # rows per tolist(); the GIL is handed over after each chunk (build_index). A training step
 # gives the GIL up at every torch op (hundreds per step) and waits up to one chunk to get it
 # back: 64 rows made a step beside the build 8.7x the median at 10^5 x 256, 8 rows 2.2x
-# (the rows go in slower beside training: that build took 4.1 s, not 2.5 s)
+# (9.2x -> 3.8x side by side on a slower VM; the rows go in slower beside training: that
+# build took 4.1 s, not 2.5 s; docs/bench/selection_notes.md)
 _ADD_CHUNK = 8
 _POOLS: dict[int, ThreadPoolExecutor] = {}  # shared query pools, by size (never pickled)
 
