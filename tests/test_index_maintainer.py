@@ -5,6 +5,7 @@ sparse step, on_step_end)."""
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -326,3 +327,32 @@ def test_process_worker_crash_is_a_clear_failure_and_the_next_build_recovers(cap
     finally:
         m.close()
     assert not os.path.exists(tmpdir)
+
+
+def _mapped_files(pid: int, folder: str) -> list[str]:
+    with open(f"/proc/{pid}/maps") as fh:
+        return [line.split()[-1] for line in fh if line.split()[-1].startswith(folder)]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc (Linux)")
+def test_process_worker_frees_its_index_once_it_has_replied():
+    """The worker drops the index it built (and saved for the trainer) as soon as its reply
+    is sent, not at the next request: between rebuilds it maps none of its index files
+    (1.2 GB held idle at 10^6 x 256 before)."""
+    clf = make("annoy", ntrees=2, n_jobs=1)
+    m = IndexMaintainer(clf, interval=100, background="process", probe_every=0, build_threads=1)
+    m.start(0)
+    try:
+        train(clf, m, range(0, 2))
+        m.on_step_start(100)
+        m.wait(100)
+        assert m.failures == 0
+        pid, folder = m.worker.pid, m.worker.tmpdir
+        deadline = time.monotonic() + 10  # the reply goes before the index is dropped
+        while _mapped_files(pid, folder) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _mapped_files(pid, folder) == []
+        out = clf(torch.randn(B, D), torch.arange(B))  # the trainer's mapping serves on
+        assert out.active.ids.numel() == M and clf.sampler.index.get_n_items() == N
+    finally:
+        m.close()
