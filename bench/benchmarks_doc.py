@@ -1,5 +1,6 @@
-"""docs/benchmarks.md from the sections' results: machine and command, targets, the tables
-and plots of every section, the Hangul and GPU sections and the hand-written notes.
+"""docs/benchmarks.md from the sections' results: machine and command, where the targets
+stand (hand-written, ``docs/bench/status.md``), issue 5's targets, the tables and plots of
+every section, the Hangul and GPU sections and the hand-written notes.
 
 Section renderers link plots relative to docs/bench/; the document lives in docs/, so the
 links are rewritten here.
@@ -58,6 +59,11 @@ def write_doc(
         "",
         machine_section(info, command, sections_run),
         "",
+    ]
+    status = OUT_DIR / "status.md"  # written by hand: where every target stands now
+    if status.exists():
+        parts += ["## Where the targets stand", "", status.read_text().rstrip(), ""]
+    parts += [
         "## Targets (issue 5)",
         "",
         *head_target(hs),

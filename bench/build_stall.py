@@ -4,7 +4,7 @@ The real ``IndexMaintainer`` rebuilds the index of a real ``SampledClassifier`` 
 thread keeps taking real training steps (select, gather, forward/backward, sparse update),
 exactly as ``callbacks.index_rebuild`` drives it. Reported: the longest step seen while the
 build ran against the median step without one (target: longest <= 2x median).
-Modes: ``thread`` (a build thread of the training process) and ``process`` (the spawned
+Modes: ``thread`` (a build thread of the training process) and ``process`` (the
 build worker, ``hf_softmax.build_worker``, given ``build_threads`` cores).
 
     python -m bench.build_stall --n 100000 1000000 --threads 1 --build-threads 1

@@ -1,8 +1,9 @@
 """BuildWorker: index builds in a separate process, so training never waits on them.
 
-``background: process`` (``callbacks.index_rebuild``) hands every rebuild to one spawned
-worker process. Per rebuild, in a thread of the training process that only copies and
-waits (both release the GIL):
+``background: process`` (``callbacks.index_rebuild``; ``auto`` at N·D >= 2^23) hands every
+rebuild to one worker process (``worker_process``: ``python -m``, no re-import of the main
+script). Per rebuild, in a thread of the training process that only copies and waits (both
+release the GIL):
 
 1. the live rows W (N, D) are copied straight into a ``multiprocessing.shared_memory``
    block (never pickled; no intermediate snapshot); the worker gets its name, the shape and
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import multiprocessing as mp
 import os
 import shutil
 import tempfile
@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hf_softmax.index_build import refreshes
 from hf_softmax.index_files import (
     WorkerIndex,
     keep_last_files,
@@ -57,6 +58,7 @@ from hf_softmax.index_files import (
     save_index,
     table_path,
 )
+from hf_softmax.worker_process import WorkerProcess, attach_block
 
 if TYPE_CHECKING:
     import torch
@@ -97,16 +99,14 @@ def sampler_spec(sampler: Any, build_threads: int | None) -> tuple[type, dict[st
     return cls, kwargs
 
 
-def _serve(conn: Any, cls: type, kwargs: dict[str, Any], threads: int | None) -> None:
-    """The worker's loop: one request per rebuild, until None or the pipe closes."""
+def serve(conn: Any, cls: type, kwargs: dict[str, Any], threads: int | None) -> None:
+    """The worker's loop: one request per rebuild, until None or the connection closes."""
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    from hf_softmax.samplers.base import Sampler
-
     sampler = cls(**kwargs)
-    refreshes = cls.refresh is not Sampler.refresh
+    refreshing = refreshes(cls)
     written: list[Path] = []  # this worker's index files, oldest first
     while True:
         try:
@@ -117,7 +117,7 @@ def _serve(conn: Any, cls: type, kwargs: dict[str, Any], threads: int | None) ->
             return
         kind, shm_name, shape, changed, path, effort = msg
         written = keep_last_files(written) + [Path(path)]
-        shm = SharedMemory(name=shm_name)
+        shm = attach_block(shm_name)
         t0 = time.perf_counter()
         try:
             if effort is not None:  # target_recall tuned it in the trainer
@@ -130,7 +130,7 @@ def _serve(conn: Any, cls: type, kwargs: dict[str, Any], threads: int | None) ->
                 index, done = sampler.build_index(weights), "build"
             table = sampler.build_table(index, weights)  # label mode: (N, K) int32
             del weights  # no view may outlive the block
-            if refreshes:  # kept: the next refresh starts from it
+            if refreshing:  # kept: the next refresh starts from it
                 sampler.swap(index)
             if sampler.queries_features:
                 saved, info = save_index(index, Path(path))
@@ -158,9 +158,7 @@ def _stop(proc: Any, conn: Any, tmpdir: str, blocks: list[SharedMemory]) -> None
             pass
     if proc is not None:
         proc.join(timeout=2)  # a build in flight is not waited for
-        if proc.is_alive():
-            proc.kill()
-            proc.join(timeout=5)
+        proc.kill()
     if conn is not None:
         conn.close()
     while blocks:
@@ -169,7 +167,7 @@ def _stop(proc: Any, conn: Any, tmpdir: str, blocks: list[SharedMemory]) -> None
 
 
 class BuildWorker:
-    """One spawned build process for one sampler; ``run`` is called from a trainer thread."""
+    """One build worker process for one sampler; ``run`` is called from a trainer thread."""
 
     def __init__(self, sampler: Any, build_threads: int | None = None) -> None:
         self.sampler = sampler
@@ -199,13 +197,8 @@ class BuildWorker:
             return
         if self._conn is not None:
             self._conn.close()
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        cls, kwargs = self.spec
-        self._proc = ctx.Process(target=_serve, args=(child, cls, kwargs, self.build_threads),
-                                 name="index-build-worker", daemon=True)  # fmt: skip
-        self._proc.start()
-        child.close()
+        self._proc = WorkerProcess(self.tmpdir, self.spec, self.build_threads)
+        self._conn = self._proc.conn
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, _stop, self._proc, self._conn, self.tmpdir,
                                            self._blocks)  # fmt: skip

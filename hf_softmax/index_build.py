@@ -10,6 +10,8 @@ settles before its first build (``auto``'s backend, the same on every DDP rank).
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
 import time
 import traceback
@@ -108,13 +110,40 @@ def prepare_first_build(classifier: Any, target: float | None, restored: Any) ->
     return ready
 
 
-def background_mode(background: bool | str, sampler: Any) -> str:
-    """How a rebuild runs, "inline", "thread" or "process", for ``RebuildSettings.background``.
-    A sampler whose index loads only under the GIL (``loads_with_gil``: hnsw) and that
-    queries it in the training process builds in a thread instead of a worker: its build
-    releases the GIL, a load would hold it inside a step."""
+def refreshes(cls: type) -> bool:
+    """The sampler class has its own ``refresh`` (hnsw: re-inserts the rows that changed)."""
+    from hf_softmax.samplers.base import Sampler
+
+    return cls.refresh is not Sampler.refresh
+
+
+def run_first_build(job: BuildJob, classifier: Any, ready: Any, worker: Any) -> None:
+    """Fill ``job`` with the synchronous first build: by ``worker`` (a ``BuildWorker``, which
+    keeps its index to refresh it: what ``prepare`` built, ``ready``, is dropped), else over
+    ``ready`` (index, snapshot) with no second build, else from a snapshot of the rows."""
+    none = np.empty(0, np.int64)
+    if worker is not None:
+        worker.run(job, classifier, none)
+    elif ready is not None:
+        run_build(job, classifier.sampler, ready[1], none, built=ready[0])
+    else:
+        run_build(job, classifier.sampler, classifier.snapshot_weights(), none)
+
+
+# N·D from which ``background: auto`` builds in a worker process: below it an annoy build
+# takes under 1.4 s (32,768 x 256, one thread), less than the worker's start (2.6 s, 221 MiB)
+PROCESS_MIN_ELEMENTS = 2**23
+_SHM = "/dev/shm"
+
+
+def background_mode(background: bool | str, sampler: Any, elements: int = 0) -> str:
+    """How a rebuild runs, "inline", "thread" or "process", for ``RebuildSettings.background``
+    (``auto``: ``auto_background``'s choice for ``elements`` = N·D). A sampler whose index
+    loads only under the GIL (``loads_with_gil``: hnsw) and that queries it in the training
+    process builds in a thread instead of a worker: its build releases the GIL, a load would
+    hold it inside a step."""
     if background == "auto":
-        return "inline" if sampler.inline_build else "thread"
+        return auto_background(sampler, elements)[0]
     if background is True or background is False:
         return "thread" if background else "inline"
     if background == "process" and sampler.loads_with_gil and sampler.queries_features:
@@ -122,12 +151,38 @@ def background_mode(background: bool | str, sampler: Any) -> str:
     return str(background)
 
 
-def settle_upkeep(sampler: Any, settings: Any, mode: str) -> None:
+def auto_background(sampler: Any, elements: int) -> tuple[str, str]:
+    """``background: auto``: (mode, why). Inline for samplers whose build is a copy (exact);
+    a worker process from ``PROCESS_MIN_ELEMENTS`` rows·dims where the shared block fits
+    twice in /dev/shm (an annoy build thread holds the GIL per row added: 3.8x the median
+    step at 10^5 x 256, against 1.9x from a process; docs/benchmarks.md); a thread
+    otherwise."""
+    if sampler.inline_build:
+        return "inline", "its build is a copy of W"
+    if sampler.loads_with_gil and sampler.queries_features:
+        return "thread", "its index would load into the trainer under the GIL"
+    if elements < PROCESS_MIN_ELEMENTS:
+        return "thread", f"N·D = {elements:,} < {PROCESS_MIN_ELEMENTS:,}: a short build"
+    if not os.path.isdir(_SHM):
+        return "thread", f"no {_SHM} for the worker's shared block"
+    need, free = 2 * 4 * elements, shutil.disk_usage(_SHM).free
+    if free < need:
+        return "thread", (f"{_SHM} has {free / 2**30:.2f} GiB free, a worker needs "
+                          f"{need / 2**30:.2f} GiB (docker: --shm-size)")  # fmt: skip
+    return "process", f"N·D = {elements:,}: a build worker never holds the trainer's GIL"
+
+
+def settle_upkeep(sampler: Any, settings: Any, mode: str, auto: tuple[str, str] | None) -> None:
     """After the first build, before the first step, where a pause costs no step. ``mode``:
-    ``background_mode``'s. Where it runs ``background: process`` in a thread, the build takes
+    ``background_mode``'s; ``auto``: ``auto_background``'s choice (logged with its reason).
+    Where it runs ``background: process`` in a thread, the build takes
     ``settings.build_threads`` threads there (the sampler's ``build_threads``) and the log
     says why. A sampler that refreshes in this process gets ready for it
     (``Sampler.ready_for_refresh``: hnsw copies its spare graph now, not in a step)."""
+    if auto is not None:
+        log.info("sampler %s: background=auto rebuilds %s (%s)", sampler.name,
+                 {"inline": "inside the step", "thread": "in a thread",
+                  "process": "in a build worker process"}[auto[0]], auto[1])  # fmt: skip
     if settings.background == "process" and mode == "thread":
         if settings.build_threads is not None:
             sampler.build_threads = int(settings.build_threads)

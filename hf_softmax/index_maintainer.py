@@ -5,24 +5,21 @@ and the benchmarks drive it directly. The classifier gives ``sampler``, ``weight
 rows, which a process build copies straight into shared memory), ``snapshot_weights()``
 ((N, D) float32 copy), ``pop_touched()`` (ids updated since the last call), ``num``, ``metric``.
 
-Schedule (``interval`` in global optimizer steps):
-
-- ``start(step)``, before the first step (and after a resume: the index is never saved),
-  builds synchronously from the current weights;
-- ``on_step_start(step)`` at every multiple of ``interval`` starts a rebuild. The schedule is
-  tied to the global step, not to the last build, so a resumed run rebuilds at the same
-  steps as an uninterrupted one;
-- ``on_step_end(step, features)`` every ``probe_every`` steps measures recall@k of the index
-  (label mode: its class-neighbour table) on the step's features (``hf_softmax.recall_probe``)
-  against the rows as the step's selection saw them (its own update undone);
-  ``adaptive`` rebuilds at the next step when it falls below ``min_recall``,
-  ``target_recall`` tunes the query effort or rebuilds early (``hf_softmax.recall_target``).
+Schedule (``interval`` in global optimizer steps): ``start(step)``, before the first step
+(and after a resume: the index is never saved), builds synchronously; ``on_step_start(step)``
+at every multiple of ``interval`` starts a rebuild (tied to the global step, so a resumed
+run rebuilds at the same steps as an uninterrupted one); ``on_step_end(step, features)``
+every ``probe_every`` steps measures recall@k of the index (label mode: its table) on the
+step's features against the rows as the step's selection saw them
+(``hf_softmax.recall_probe``); ``adaptive`` rebuilds at the next step when it falls below
+``min_recall``, ``target_recall`` tunes the query effort or rebuilds early.
 
 Build modes (``RebuildSettings.background``, ``index_build.background_mode``): inline (the
 step waits); a thread (snapshot and build in a daemon thread; a row a concurrent step writes
 may be copied half-updated, and is marked touched again); a process (``build_worker``; hnsw
-in feature mode: a thread, its graph loads under the GIL). A finished build is swapped in at
-the next step start, the old index serving meanwhile; one due while one runs starts after
+in feature mode: a thread, its graph loads under the GIL); ``auto``: chosen once at ``start``
+(``index_build.auto_background``: a process from N·D = 2^23). A finished build is swapped in
+at the next step start, the old index serving meanwhile; one due while one runs starts after
 it. A build that raises is logged with its traceback; the old index serves on and the next
 due rebuild retries. A sampler's ``refresh`` (hnsw) gets the rows updated since the last.
 
@@ -45,9 +42,12 @@ import torch
 
 from hf_softmax.index_build import (
     BuildJob,
+    auto_background,
     background_mode,
     prepare_first_build,
+    refreshes,
     run_build,
+    run_first_build,
     settle_upkeep,
 )
 from hf_softmax.rebuild_settings import RebuildRecord, RebuildSettings
@@ -86,6 +86,7 @@ class IndexMaintainer:
         self._pending = False
         self._worker: Any = None  # the build process, started on the first process build
         self._choice: dict[str, Any] | None = None  # a checkpoint's sampler choice (auto)
+        self._auto: tuple[str, str] | None = None  # background auto: (mode, why), at start
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -108,8 +109,12 @@ class IndexMaintainer:
         return self._worker
 
     def mode(self) -> str:
-        """How the next rebuild runs: "inline", "thread" or "process" (``background_mode``)."""
-        return background_mode(self.settings.background, self.sampler)
+        """How the next rebuild runs: "inline", "thread" or "process" (``background_mode``;
+        ``auto``: as ``start`` chose it, before its worker's block took /dev/shm)."""
+        if self._auto is not None:
+            return self._auto[0]
+        elements = int(self.classifier.weight.numel())  # N·D (this rank's rows)
+        return background_mode(self.settings.background, self.sampler, elements)
 
     def records(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.history]
@@ -140,18 +145,16 @@ class IndexMaintainer:
         job = BuildJob(start_step=step, kind="build", background=False)
         target = None if self.target is None else self.target.target
         ready = prepare_first_build(self.classifier, target, self._choice)
-        if self.mode() == "process":  # built by the worker, which keeps it to refresh it
-            ready = None  # the worker builds its own (it keeps the index); free this one
-            self._process_worker().run(job, self.classifier, np.empty(0, np.int64))
-        elif ready is not None:  # prepare built it over a snapshot: no second build
-            run_build(job, sampler, ready[1], np.empty(0, np.int64), built=ready[0])
-        else:
-            run_build(job, sampler, self.classifier.snapshot_weights(), np.empty(0, np.int64))
+        auto = self.settings.background == "auto"  # chosen now the sampler's backend is known
+        self._auto = auto_background(sampler, int(self.classifier.weight.numel())) if auto else None
+        mode = self.mode()
+        worker = self._process_worker() if mode == "process" else None
+        run_first_build(job, self.classifier, ready, worker)
         if job.error is not None:
             msg = f"initial index build of sampler {sampler.name!r} failed at step {step}"
             raise RuntimeError(msg) from job.error
         sampler.swap(job.index, job.table)
-        settle_upkeep(sampler, self.settings, self.mode())
+        settle_upkeep(sampler, self.settings, mode, self._auto)
         self.builds += 1
         self.last_build_step = step
         self.history.append(RebuildRecord(step, step, job.seconds, "build", False))
@@ -229,7 +232,7 @@ class IndexMaintainer:
     # -- rebuilds --------------------------------------------------------------------------
     def _start(self, step: int) -> dict[str, float]:
         classifier, sampler, mode = self.classifier, self.sampler, self.mode()
-        refresh = self.settings.refresh and type(sampler).refresh is not _base_refresh()
+        refresh = self.settings.refresh and refreshes(type(sampler))
         kind = "refresh" if refresh and sampler.has_index else "build"
         job = BuildJob(start_step=step, kind=kind, background=mode != "inline")
         self.last_build_step = step
@@ -292,9 +295,3 @@ class IndexMaintainer:
                   job.seconds)  # fmt: skip
         return {"index/rebuild_seconds": job.seconds,
                 "index/builds": float(self.builds + self.refreshes)}  # fmt: skip
-
-
-def _base_refresh() -> Any:
-    from hf_softmax.samplers.base import Sampler
-
-    return Sampler.refresh

@@ -30,8 +30,9 @@ class RebuildRecord:
 class RebuildSettings:
     """interval: global steps between scheduled rebuilds (>= 1).
     background: False (build inside the step), True / "thread" (a thread of this process),
-    "process" (a spawned build worker, ``hf_softmax.build_worker``), "auto" (inline for
-    samplers whose ``inline_build`` is true, e.g. exact; a thread otherwise).
+    "process" (a build worker process, ``hf_softmax.build_worker``), "auto" (inline for
+    samplers whose ``inline_build`` is true, e.g. exact; a process for large indexes,
+    ``index_build.auto_background``; a thread otherwise).
     probe_every: steps between recall probes (0 = never); probe_k: k of recall@k (None:
     the k the step used). min_recall / adaptive: rebuild early when the probe falls below.
     target_recall: keep recall@k there (``hf_softmax.recall_target``). refresh: allow the

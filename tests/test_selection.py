@@ -151,14 +151,16 @@ def test_recall_target_raises_effort_on_a_fresh_index_and_rebuilds_a_stale_one()
         RecallTarget(1.5)
 
 
-def test_background_auto_builds_exact_inline_and_annoy_in_a_thread():
+def test_background_auto_builds_exact_inline_and_small_indexes_in_a_thread():
+    """(Large ones go to a build worker process: tests/test_worker_process.py.)"""
     from types import SimpleNamespace
 
     from hf_softmax.index_maintainer import IndexMaintainer
 
     for name, mode in (("exact", "inline"), ("annoy", "thread"), ("hnsw", "thread")):
         sampler = build_sampler({"name": name, "num": 10}, 100, "cosine")
-        maintainer = IndexMaintainer(SimpleNamespace(sampler=sampler), background="auto")
+        clf = SimpleNamespace(sampler=sampler, weight=torch.zeros(100, 8))
+        maintainer = IndexMaintainer(clf, background="auto")
         assert maintainer.mode() == mode
     auto = build_sampler({"name": "auto", "num": 10}, 100, "cosine")
     auto.build_index(np.zeros((100, 8), np.float32))  # N x D small: the exact backend

@@ -1,0 +1,155 @@
+"""The build worker as a ``python -m`` child (``hf_softmax.worker_process``) and what
+``background: auto`` chooses: a worker process for large indexes, a thread or the step
+otherwise. Real samplers, real workers, real scripts run as a user runs them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hf_softmax.classifier import SampledClassifier
+from hf_softmax.heads import build_head
+from hf_softmax.index_build import PROCESS_MIN_ELEMENTS, auto_background
+from hf_softmax.index_maintainer import IndexMaintainer
+from hf_softmax.samplers.annoy import AnnoySampler
+from hf_softmax.samplers.exact import ExactSampler
+from hf_softmax.samplers.hnsw import HNSWSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+SHM_ROOM = (
+    os.path.isdir("/dev/shm")
+    and os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
+    > 8 * PROCESS_MIN_ELEMENTS * 4
+)
+needs_shm = pytest.mark.skipif(not SHM_ROOM, reason="needs /dev/shm with room for the block")
+
+# A user's script with no ``if __name__ == "__main__":`` guard: a spawned worker would import
+# it again and start over; the ``python -m`` worker never imports it.
+UNGUARDED = """
+import sys, time
+import numpy as np
+from hf_softmax.build_worker import BuildWorker
+from hf_softmax.samplers.annoy import AnnoySampler
+
+print("script body runs", flush=True)
+rows = np.random.default_rng(0).standard_normal((500, 16)).astype(np.float32)
+sampler = AnnoySampler(500, 50, "ip", 0, ntrees=2, n_jobs=1)
+worker = BuildWorker(sampler, 1)
+index, done, _ = worker.build("build", rows, np.empty(0, np.int64))
+print("built", done, index.get_n_items(), "worker", worker.pid, flush=True)
+if len(sys.argv) > 1:  # stay alive until killed
+    time.sleep(600)
+worker.close()
+"""
+
+
+def test_auto_background_builds_large_indexes_in_a_worker_process():
+    big, small = PROCESS_MIN_ELEMENTS, PROCESS_MIN_ELEMENTS - 1
+    assert auto_background(ExactSampler(100, 10), big)[0] == "inline"
+    assert auto_background(AnnoySampler(100, 10), small)[0] == "thread"
+    hnsw_feature = HNSWSampler(100, 10, num_threads=1)
+    assert auto_background(hnsw_feature, big) == (
+        "thread", "its index would load into the trainer under the GIL")  # fmt: skip
+    if SHM_ROOM:
+        assert auto_background(AnnoySampler(100, 10), big)[0] == "process"
+        assert auto_background(HNSWSampler(100, 10, query="label"), big)[0] == "process"
+    # more than /dev/shm holds: a thread, and the reason names the fix
+    mode, why = auto_background(AnnoySampler(100, 10), 2**50)
+    assert mode == "thread" and ("--shm-size" in why or "no /dev/shm" in why)
+
+
+@needs_shm
+def test_auto_rebuilds_a_large_annoy_index_in_a_worker_and_serves_it(caplog):
+    n, d = PROCESS_MIN_ELEMENTS // 256, 256  # the smallest size that gets a worker
+    sampler = AnnoySampler(n, 300, "ip", 0, ntrees=1, n_jobs=1)
+    clf = SampledClassifier(n, d, build_head("linear"), sampler, seed=0, init_std=0.05)
+    m = IndexMaintainer(clf, interval=100, background="auto", probe_every=0, build_threads=1)
+    with caplog.at_level(logging.INFO, logger="hf_softmax.index_build"):
+        m.start(0)
+    try:
+        assert m.mode() == "process" and m.worker is not None and m.worker.pid_alive()
+        assert "background=auto rebuilds in a build worker process" in caplog.text
+        m.on_step_start(100)
+        m.wait(100)
+        assert m.failures == 0 and m.history[-1].background and m.mode() == "process"
+        out = clf(torch.randn(8, d), torch.arange(8))
+        assert out.active.num_index > 0 and clf.sampler.index.get_n_items() == n
+    finally:
+        m.close()
+
+
+def _run(script: Path, *args: str, stderr: int = subprocess.PIPE) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(script), *args]
+    return subprocess.Popen(cmd, cwd=script.parent, env=env, stdout=subprocess.PIPE,
+                            stderr=stderr, text=True)  # fmt: skip
+
+
+def test_a_worker_starts_from_a_main_script_without_a_guard(tmp_path):
+    """multiprocessing's spawn would import the script again in the worker, which then starts
+    a worker of its own; the ``python -m`` worker runs the script's body once."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED)
+    proc = _run(script)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert out.count("script body runs") == 1 and "built build 500" in out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # exited, not yet reaped by whoever adopted it
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc (Linux)")
+def test_the_worker_exits_when_its_trainer_is_killed(tmp_path):
+    script = tmp_path / "trainer.py"
+    script.write_text(UNGUARDED)
+    proc = _run(script, "stay", stderr=subprocess.DEVNULL)
+    line = proc.stdout.readline()
+    while line and not line.startswith("built"):
+        line = proc.stdout.readline()
+    worker = int(line.split()[-1])
+    assert not _gone(worker)
+    proc.send_signal(signal.SIGKILL)  # no finalizer runs: the worker must notice alone
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while not _gone(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(worker)
+
+
+def test_the_worker_leaves_the_trainers_shared_block_alone_when_it_exits():
+    """The worker opens the trainer's block untracked: its exit does not unlink it (a
+    tracked block was unlinked by the worker's resource tracker), so a restarted worker
+    gets the same block."""
+    rows = np.random.default_rng(1).standard_normal((400, 8)).astype(np.float32)
+    from hf_softmax.build_worker import BuildWorker
+
+    worker = BuildWorker(AnnoySampler(400, 40, ntrees=2, n_jobs=1), 1)
+    try:
+        worker.build("build", rows, np.empty(0, np.int64))
+        block, first = worker.shared_block, worker.pid
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while worker.pid_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # a tracker of the worker's would unlink the block now
+        assert os.path.exists(f"/dev/shm/{block}")
+        index, _, _ = worker.build("build", rows, np.empty(0, np.int64))  # a new worker
+        assert worker.pid != first and worker.shared_block == block and index.get_n_items() == 400
+    finally:
+        worker.close()
+    assert not os.path.exists(f"/dev/shm/{block}")
