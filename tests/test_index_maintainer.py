@@ -206,7 +206,7 @@ def test_hnsw_under_background_process(query, caplog):
     feature mode ``background=process`` refreshes in a thread with ``build_threads``
     add_items threads (the spare graph: two graphs take turns, none is copied after start);
     in label mode the worker refreshes its own graph in place and hands back the table."""
-    clf = make("hnsw", num_threads=2, query=query, table_k=4)
+    clf = make("hnsw", num_threads=2, query=query, table_k=4, refresh_fraction=1.0)
     m = IndexMaintainer(clf, interval=100, background="process", probe_every=0, build_threads=1)
     with caplog.at_level("INFO", logger="hf_softmax.index_build"):
         m.start(0)

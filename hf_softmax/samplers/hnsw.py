@@ -3,7 +3,9 @@
 Knobs: ``m`` (graph degree; memory and build cost grow with it), ``ef_construction`` (build
 beam), ``ef`` (query beam; raise for recall), ``num_threads`` (build and query threads,
 -1 = all cores), ``refresh_fraction`` (a refresh touching more than this fraction of the rows
-does a full build instead), ``refresh_in_place`` and ``build_threads`` (see below).
+does a full build instead: 0.1, below the break-even, ~12% at 10^5 x 256 where a 10% refresh
+took 0.7x a full build and 30% 2.7x; ``bench.index_cost``), ``refresh_in_place`` and
+``build_threads`` (see below).
 Metric: "ip" -> hnswlib ``ip``; "cosine" -> ``cosine`` (hnswlib normalises rows and queries).
 
 Cost: full build O(N log N * m * D), ~380 s for 10^6 x 256 with m=16, ef_construction=100 on
@@ -61,7 +63,7 @@ class HNSWSampler(Sampler):
         ef_construction: int = 100,
         ef: int = 32,
         num_threads: int = -1,
-        refresh_fraction: float = 0.3,
+        refresh_fraction: float = 0.1,
         refresh_in_place: bool = False,
         build_threads: int | None = None,
         **selection: Any,
