@@ -8,10 +8,11 @@ imports (Lightning, Hydra, wandb: 6.8 s to the first build and 363 MiB resident,
 numpy, the sampler's module and what that needs.
 
 The handshake: the child listens on a Unix socket in the worker's private temporary
-directory (``multiprocessing.connection.Listener``, an authentication key it reads from its
-stdin); the parent connects (``Client``) once the socket is there, then sends its
-``sys.path`` (so the sampler's class unpickles wherever the parent could import it) and the
-spec (class, constructor arguments, threads). From then on the connection carries
+directory (on Linux an abstract address where that path is too long for a socket;
+``multiprocessing.connection.Listener``, an authentication key it reads from its stdin);
+the parent connects (``Client``) once the socket is there, then sends its ``sys.path`` (so
+the sampler's class unpickles wherever the parent could import it) and the spec (class,
+constructor arguments, threads). From then on the connection carries
 ``build_worker.serve``'s requests and replies. A child whose parent is gone (killed before
 it connected, or during a build) exits within a second; it ignores Ctrl-C (its trainer
 stops it).
@@ -33,6 +34,7 @@ from typing import Any
 
 START_TIMEOUT_S = 300.0  # to the child's socket (a loaded machine imports torch slowly)
 _WATCH_S = 1.0  # how often the child checks that its parent lives
+_MAX_SOCKET_PATH = 100  # bytes (sun_path holds 108 on Linux, 104 on macOS)
 
 
 class WorkerProcess:
@@ -40,15 +42,14 @@ class WorkerProcess:
     calls ``BuildWorker`` uses (``pid``, ``exitcode``, ``is_alive``, ``join``, ``kill``)."""
 
     def __init__(self, folder: str, spec: tuple[type, dict[str, Any]], threads: int | None):
-        address = str(Path(folder) / f"worker-{time.monotonic_ns()}.sock")
+        address = socket_address(folder)
         key = os.urandom(32)
-        self._popen = subprocess.Popen(
-            [sys.executable, "-m", "hf_softmax.worker_process", address, str(os.getpid())],
-            stdin=subprocess.PIPE,
-        )
-        self._popen.stdin.write(key.hex().encode() + b"\n")
-        self._popen.stdin.close()
+        arg = address.replace("\0", "@", 1)  # argv cannot hold the NUL byte
+        cmd = [sys.executable, "-m", "hf_softmax.worker_process", arg, str(os.getpid())]
+        self._popen = subprocess.Popen(cmd, stdin=subprocess.PIPE)
         try:
+            self._popen.stdin.write(key.hex().encode() + b"\n")
+            self._popen.stdin.close()
             self.conn = self._connect(address, key)
             self.conn.send(list(sys.path))
             self.conn.send((*spec, threads))
@@ -94,6 +95,16 @@ class WorkerProcess:
         self.join(5)
 
 
+def socket_address(folder: str) -> str:
+    """A fresh Unix socket path in ``folder``; on Linux an abstract address (no file: the
+    key guards it) where the path would pass the 108-byte limit (a long ``TMPDIR``)."""
+    name = f"w-{os.urandom(6).hex()}.sock"
+    path = str(Path(folder) / name)
+    if len(path.encode()) > _MAX_SOCKET_PATH and sys.platform.startswith("linux"):
+        return "\0hf_softmax-" + name
+    return path
+
+
 def attach_block(name: str) -> SharedMemory:
     """The parent's shared block ``name``, opened in the child without tracking it: the
     child's own resource tracker would unlink the parent's block when the child exits
@@ -115,6 +126,8 @@ def _exit_with(parent: int) -> None:
 def main(argv: list[str]) -> None:
     """The child: ``python -m hf_softmax.worker_process ADDRESS PARENT_PID`` (key on stdin)."""
     address, parent = argv[0], int(argv[1])
+    if address.startswith("@"):  # abstract (argv cannot hold the NUL byte)
+        address = "\0" + address[1:]
     # Ctrl-C reaches the whole process group: the trainer stops this worker (or dies, and the
     # watchdog ends it); a KeyboardInterrupt here would only print a second traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -153,3 +153,23 @@ def test_the_worker_leaves_the_trainers_shared_block_alone_when_it_exits():
     finally:
         worker.close()
     assert not os.path.exists(f"/dev/shm/{block}")
+
+
+def test_a_worker_starts_where_its_folder_path_is_too_long_for_a_socket_file(tmp_path):
+    """A long ``TMPDIR`` (cluster scratch paths) would pass the Unix socket's 108-byte path
+    limit: the worker listens on an abstract address instead (Linux)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("abstract socket addresses are Linux's")
+    from hf_softmax.build_worker import sampler_spec
+    from hf_softmax.worker_process import WorkerProcess, socket_address
+
+    folder = tmp_path / ("long-scratch-directory-" * 6)
+    folder.mkdir()
+    assert socket_address(str(folder)).startswith("\0")
+    proc = WorkerProcess(str(folder), sampler_spec(AnnoySampler(100, 10, n_jobs=1), 1), 1)
+    try:
+        proc.conn.send(None)  # the worker's loop ends on None
+        proc.join(30)
+        assert proc.exitcode == 0
+    finally:
+        proc.kill()
