@@ -119,7 +119,7 @@ def refreshes(cls: type) -> bool:
 
 def run_first_build(job: BuildJob, classifier: Any, ready: Any, worker: Any) -> None:
     """Fill ``job`` with the synchronous first build: by ``worker`` (a ``BuildWorker``, which
-    keeps its index to refresh it: what ``prepare`` built, ``ready``, is dropped), else over
+    keeps its index to refresh it; the caller drops what ``prepare`` built), else over
     ``ready`` (index, snapshot) with no second build, else from a snapshot of the rows."""
     none = np.empty(0, np.int64)
     if worker is not None:
@@ -154,9 +154,9 @@ def background_mode(background: bool | str, sampler: Any, elements: int = 0) -> 
 def auto_background(sampler: Any, elements: int) -> tuple[str, str]:
     """``background: auto``: (mode, why). Inline for samplers whose build is a copy (exact);
     a worker process from ``PROCESS_MIN_ELEMENTS`` rows·dims where the shared block fits
-    twice in /dev/shm (an annoy build thread holds the GIL per row added: 3.8x the median
-    step at 10^5 x 256, against 1.9x from a process; docs/benchmarks.md); a thread
-    otherwise."""
+    twice in /dev/shm (an annoy build thread holds the GIL per row added: its longest step
+    2.7x the median at 10^5 x 256, against 1.6x beside a worker; docs/benchmarks.md); a
+    thread otherwise."""
     if sampler.inline_build:
         return "inline", "its build is a copy of W"
     if sampler.loads_with_gil and sampler.queries_features:

@@ -149,6 +149,8 @@ class IndexMaintainer:
         self._auto = auto_background(sampler, int(self.classifier.weight.numel())) if auto else None
         mode = self.mode()
         worker = self._process_worker() if mode == "process" else None
+        if worker is not None:  # the worker builds its own (it keeps the index): free this one
+            ready = None
         run_first_build(job, self.classifier, ready, worker)
         if job.error is not None:
             msg = f"initial index build of sampler {sampler.name!r} failed at step {step}"
