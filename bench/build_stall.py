@@ -10,6 +10,8 @@ build worker, ``hf_softmax.build_worker``, given ``build_threads`` cores).
     python -m bench.build_stall --n 100000 1000000 --threads 1 --build-threads 1
     python -m bench.build_stall --n 100000 1000000 --indexes annoy --modes process \
         --queries feature label --out build_stall_label
+    python -m bench.build_stall --indexes annoy --modes process --threads 2 \
+        --build-threads 2 0 --repeat 10 --control --out build_stall_threads
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from bench.common import (  # noqa: E402
 from callbacks.gc_freeze import freeze_live_objects  # noqa: E402
 from hf_softmax.classifier import SampledClassifier  # noqa: E402
 from hf_softmax.heads import build_head  # noqa: E402
+from hf_softmax.index_build import worker_threads  # noqa: E402
 from hf_softmax.index_maintainer import IndexMaintainer  # noqa: E402
 from hf_softmax.samplers import build_sampler  # noqa: E402
 
@@ -143,7 +146,7 @@ def stall(
         "index": name,
         "query": knobs.get("query", "feature"),
         "mode": mode if m.mode() == mode else f"{mode}: a {m.mode()}",  # hnsw feature
-        "build_threads": build_threads,
+        "build_threads": worker_threads(build_threads) if m.mode() == "process" else build_threads,
         "N": n,
         "kind": rec["kind"],
         "touched": rec["changed"] / n if rec["kind"] == "refresh" else 1.0,
@@ -174,24 +177,54 @@ def stall(
 
 def run(
     sizes: list[int], dim: int = 256, modes: tuple[str, ...] = ("thread", "process"),
-    indexes: tuple[str, ...] = ("annoy", "hnsw"), build_threads: int = 1,
+    indexes: tuple[str, ...] = ("annoy", "hnsw"), build_threads: tuple[int | None, ...] = (1,),
     queries: tuple[str, ...] = ("feature",), gc_freeze: bool = True, control: bool = False,
+    repeat: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
+    """Every build_threads value (None: the worker's default rule) side by side, in turn,
+    ``repeat`` times over (each row notes its ``repeat``)."""
     clock = RunClock()
     rows = []
     for n in sizes:
         w = family_rows(n, dim, scale=0.05)
-        for name in indexes:
-            knobs = {"n_jobs": build_threads} if name == "annoy" else {"num_threads": 1}
-            for query in queries:
-                for mode in modes:
-                    rows.append(stall(name, w, mode, build_threads, refresh=name == "hnsw",
-                                      query=query, gc_freeze=gc_freeze, control=control,
-                                      **knobs))  # fmt: skip
-                    free_memory()
+        for rep in range(repeat):
+            for name in indexes:
+                for bt in build_threads:
+                    knobs = {"n_jobs": bt or -1} if name == "annoy" else {"num_threads": 1}
+                    for query in queries:
+                        for mode in modes:
+                            rows.append({**stall(name, w, mode, bt, refresh=name == "hnsw",
+                                                 query=query, gc_freeze=gc_freeze,
+                                                 control=control, **knobs),
+                                         "repeat": rep})  # fmt: skip
+                            free_memory()
         del w
         free_memory()
-    return {"rows": rows, "meta": clock.meta(dim=dim, build_threads=build_threads)}
+    return {"rows": rows, "meta": clock.meta(dim=dim, build_threads=list(build_threads))}
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    """One line per N, index, mode and build threads over repeated runs: medians and ranges."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["N"], r["index"], r["mode"], r["build_threads"]), []).append(r)
+    out = []
+    for (n, index, mode, threads), rs in groups.items():
+        ratio = [r["max_over_median"] for r in rs]
+        out.append({
+            "N": n, "index": index, "mode": mode, "threads": threads, "runs": len(rs),
+            "ratio": f"{np.median(ratio):.2f} ({min(ratio):.2f}–{max(ratio):.2f})",
+            "build_s": float(np.median([r["build_s"] for r in rs])),
+            "during": float(np.median([r["median_during_s"] for r in rs])),
+            "control": float(np.median([r.get("control_max_over_median", np.nan) for r in rs])),
+        })  # fmt: skip
+    return markdown_table(out, [
+        ("N", "N", fmt_count), ("index", "index", None), ("mode", "build in", None),
+        ("threads", "build threads", None), ("runs", "runs", None),
+        ("ratio", "longest / median: median (range)", None),
+        ("build_s", "build time", fmt_seconds), ("during", "median step (during)", fmt_seconds),
+        ("control", "no build: longest / median", lambda x: f"{x:.2f}"),
+    ])  # fmt: skip
 
 
 COLUMNS = [
@@ -228,7 +261,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--modes", nargs="+", default=["thread", "process"])
     p.add_argument("--indexes", nargs="+", default=["annoy", "hnsw"])
     p.add_argument("--threads", type=int, default=1, help="torch threads of the trainer")
-    p.add_argument("--build-threads", type=int, default=1)
+    p.add_argument("--build-threads", type=int, nargs="+", default=[1],
+                   help="the worker's (and annoy's) build threads, several side by side; 0: "
+                        "null, the default rule (the cores torch's threads leave free, at "
+                        "least one)")  # fmt: skip
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run each setting this many times, in turn (summary: medians)")  # fmt: skip
     p.add_argument("--queries", nargs="+", default=["feature"], choices=["feature", "label"],
                    help="label: the build also makes the class table (process: the only "
                         "thing handed back)")  # fmt: skip
@@ -241,10 +279,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default="build_stall")
     args = p.parse_args(argv)
     setup_run(args.threads)
-    data = run(args.n, args.d, tuple(args.modes), tuple(args.indexes), args.build_threads,
-               tuple(args.queries), args.gc_freeze, args.control)  # fmt: skip
+    threads = tuple(t or None for t in args.build_threads)
+    data = run(args.n, args.d, tuple(args.modes), tuple(args.indexes), threads,
+               tuple(args.queries), args.gc_freeze, args.control, args.repeat)  # fmt: skip
     write_json(args.out, data)
     print(render(data))
+    if args.repeat > 1 or len(threads) > 1:
+        print("\n" + summary(data["rows"]))
     return data
 
 

@@ -8,7 +8,8 @@ reads them):
   the dense baseline, side by side at N = 1e5 / 1e6 (``label_speed_long.json``: 10^6 over
   300 steps);
 - ``python -m bench.build_stall`` -> ``build_stall.json``: steps while an index build runs in
-  a thread or in the build process;
+  a thread or in the build process (``build_stall_threads.json``: the worker's build threads
+  beside torch's, ``--repeat``ed);
 - ``python -m bench.index_scale`` -> ``index_scale.json``: an index over 10^7 rows in host RAM
   (``index_scale_annoy.json``: annoy alone on an idle machine, with a ``--search-k`` sweep);
 - ``python -m bench.accuracy --query ...`` -> ``accuracy_label.json``: label vs feature
@@ -28,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench import auto_race, effort_retune
+from bench.build_stall import summary as stall_summary
 from bench.formatting import markdown_table
 from bench.output import read_json
 from bench.paths import OUT_DIR
@@ -236,6 +238,15 @@ def render() -> str | None:
     if stall:
         parts += ["### Steps during an index build (`bench/build_stall.py`)", ""]
         parts += stall_section(stall) + [""]
+    threads = read_json("build_stall_threads")
+    if threads:
+        parts += [
+            f"The worker's build threads beside torch's: `{threads['command']}`. "
+            f"{threads.get('note', '')}",
+            "",
+            stall_summary(threads["rows"]),
+            "",
+        ]
     if scale:
         parts += ["### 10^7 classes in host RAM (`bench/index_scale.py`)", ""]
         parts += scale_section(scale) + [""]

@@ -13,7 +13,9 @@ release the GIL):
    in a build thread; it is marked touched again);
 2. the worker builds (or refreshes the index it built last: hnsw in place, the class's
    ``worker_knobs``) with its own threads, ``build_threads`` of them (annoy ``n_jobs``,
-   hnsw ``num_threads``, faiss ``threads``; faiss on the CPU), and saves it to a file;
+   hnsw ``num_threads``, faiss ``threads``; faiss on the CPU; the maintainer's default:
+   the cores torch's threads leave free, ``index_build.worker_threads``), and saves it to a
+   file;
 3. the trainer loads the file (``index_files.load_index``: annoy and faiss ivf mmapped);
    the maintainer swaps it in at the next step start. hnswlib reads a graph whole under the
    GIL, so hnsw in feature mode builds in a thread (``index_build.background_mode``). In

@@ -172,6 +172,20 @@ def auto_background(sampler: Any, elements: int) -> tuple[str, str]:
     return "process", f"N·D = {elements:,}: a build worker never holds the trainer's GIL"
 
 
+def worker_threads(build_threads: int | None) -> int:
+    """The build worker's threads: ``build_threads`` when set, else the cores the trainer's
+    torch threads leave free, at least one. A worker as wide as the machine fights the
+    step for its cores: at 10^5 x 256 on 2 cores beside 2 torch threads (annoy, ten runs
+    side by side) the longest step during a build was 2.42x the median (1.82-3.41x) with 2
+    build threads, 2.23x (2.15-3.25x) with 1, the build as long (docs/benchmarks.md)."""
+    if build_threads is not None:
+        return int(build_threads)
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) - torch.get_num_threads())
+
+
 def settle_upkeep(sampler: Any, settings: Any, mode: str, auto: tuple[str, str] | None) -> None:
     """After the first build, before the first step, where a pause costs no step. ``mode``:
     ``background_mode``'s; ``auto``: ``auto_background``'s choice (logged with its reason).

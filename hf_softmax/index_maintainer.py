@@ -49,6 +49,7 @@ from hf_softmax.index_build import (
     run_build,
     run_first_build,
     settle_upkeep,
+    worker_threads,
 )
 from hf_softmax.rebuild_settings import RebuildRecord, RebuildSettings
 from hf_softmax.recall_probe import measure_recall
@@ -261,7 +262,7 @@ class IndexMaintainer:
         if self._worker is None:
             from hf_softmax.build_worker import BuildWorker
 
-            self._worker = BuildWorker(self.sampler, self.settings.build_threads)
+            self._worker = BuildWorker(self.sampler, worker_threads(self.settings.build_threads))
         return self._worker
 
     def _collect(self, step: int, wait: bool) -> dict[str, float]:

@@ -37,7 +37,9 @@ class RebuildSettings:
     the k the step used). min_recall / adaptive: rebuild early when the probe falls below.
     target_recall: keep recall@k there (``hf_softmax.recall_target``). refresh: allow the
     incremental refresh of samplers that have one (hnsw). build_threads: threads of a
-    background build (None: the sampler's own knob, e.g. annoy ``n_jobs``).
+    background build (None: in a worker process, the cores torch's threads leave free, at
+    least one (``index_build.worker_threads``); in a thread, the sampler's own knob, e.g.
+    annoy ``n_jobs``).
     """
 
     interval: int = 20

@@ -62,3 +62,17 @@ def test_stall_and_index_cost_benchmarks_refresh_hnsw():
     rows = [r for r in run(sizes=[2000], dim=16)["rows"] if r["index"].startswith("hnsw")]
     assert [r["op"] for r in rows][1:] == [f"refresh {f}% of rows" for f in (1, 10, 15, 30)]
     assert all(r["recall"] >= 0.9 for r in rows)
+
+
+def test_stall_summary_gives_each_setting_its_median_and_range():
+    """``bench.build_stall --repeat``: one line per N and build threads over the runs."""
+    from bench.build_stall import summary
+
+    base = {"N": 100_000, "index": "annoy", "mode": "process", "build_s": 6.0,
+            "median_during_s": 0.04, "control_max_over_median": 1.4}  # fmt: skip
+    rows = [{**base, "build_threads": t, "max_over_median": v}
+            for t, v in ((2, 3.0), (1, 2.2), (2, 1.8), (1, 2.1), (2, 2.4))]  # fmt: skip
+    lines = summary(rows).splitlines()
+    assert len(lines) == 4  # header, rule, one line per setting
+    assert "| 2 | 3 | 2.40 (1.80–3.00) |" in lines[2]
+    assert "| 1 | 2 | 2.15 (2.10–2.20) |" in lines[3]

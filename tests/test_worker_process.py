@@ -18,7 +18,7 @@ import torch
 
 from hf_softmax.classifier import SampledClassifier
 from hf_softmax.heads import build_head
-from hf_softmax.index_build import PROCESS_MIN_ELEMENTS, auto_background
+from hf_softmax.index_build import PROCESS_MIN_ELEMENTS, auto_background, worker_threads
 from hf_softmax.index_maintainer import IndexMaintainer
 from hf_softmax.samplers.annoy import AnnoySampler
 from hf_softmax.samplers.exact import ExactSampler
@@ -72,11 +72,14 @@ def test_auto_rebuilds_a_large_annoy_index_in_a_worker_and_serves_it(caplog):
     n, d = PROCESS_MIN_ELEMENTS // 256, 256  # the smallest size that gets a worker
     sampler = AnnoySampler(n, 300, "ip", 0, ntrees=1, n_jobs=1)
     clf = SampledClassifier(n, d, build_head("linear"), sampler, seed=0, init_std=0.05)
-    m = IndexMaintainer(clf, interval=100, background="auto", probe_every=0, build_threads=1)
+    m = IndexMaintainer(clf, interval=100, background="auto", probe_every=0)
     with caplog.at_level(logging.INFO, logger="hf_softmax.index_build"):
         m.start(0)
     try:
         assert m.mode() == "process" and m.worker is not None and m.worker.pid_alive()
+        # build_threads null: the cores torch's threads leave free, annoy's n_jobs included
+        assert m.worker.build_threads == worker_threads(None) >= 1
+        assert m.worker.spec[1]["n_jobs"] == m.worker.build_threads
         assert "background=auto rebuilds in a build worker process" in caplog.text
         m.on_step_start(100)
         m.wait(100)
@@ -85,6 +88,19 @@ def test_auto_rebuilds_a_large_annoy_index_in_a_worker_and_serves_it(caplog):
         assert out.active.num_index > 0 and clf.sampler.index.get_n_items() == n
     finally:
         m.close()
+
+
+def test_the_worker_takes_the_cores_torch_leaves_free_unless_told():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert worker_threads(None) == max(1, cores - 1)
+        torch.set_num_threads(cores)  # torch takes every core: the worker still gets one
+        assert worker_threads(None) == 1
+        assert worker_threads(3) == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def _run(script: Path, *args: str, stderr: int = subprocess.PIPE) -> subprocess.Popen:
