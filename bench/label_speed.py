@@ -9,7 +9,9 @@ W). The index and table builds are timed separately (``build_s``, ``table_s``); 
 sampled modes take turns step by step, so a swing in a shared machine's load hits them
 alike. ``table_paths`` times the table's query over the first ``--table-rows`` rows by
 vector (the old way) and by the sampler's ``query_rows`` (annoy: by item id over the build
-threads).
+threads). ``--rows shuffled`` shuffles W's rows first (the synthetic rows come in families of
+near neighbours at neighbouring ids, which a trained model's class ids are not; the features
+and labels follow the rows).
 
     nice python -m bench.label_speed --sizes 100000 1000000 --steps 20
 
@@ -129,10 +131,14 @@ def run_size(
     exact_max: int,
     table_rows: int,
     shares: list[float],
+    row_order: str = "family",
 ) -> dict:
     rows = family_rows(n, d)
+    if row_order == "shuffled":  # a model's class ids say nothing of where its rows lie
+        rows = rows[np.random.default_rng(7).permutation(n)]
     data = batches(rows, b, steps)
-    res: dict[str, Any] = {"N": n, "D": d, "B": b, "M": m, "modes": {}, "load_start": loadavg()}
+    res: dict[str, Any] = {"N": n, "D": d, "B": b, "M": m, "modes": {}, "load_start": loadavg(),
+                           "row_order": row_order}  # fmt: skip
 
     def record(mode: str, times: list[float], **extra: Any) -> None:
         res["modes"][mode] = {"median_s": statistics.median(times), "steps": len(times), **extra}
@@ -184,11 +190,14 @@ def main() -> None:
     ap.add_argument("--shares", type=float, nargs="*", default=[0.25, 0.5],
                     help="label mode with these feature_share values too")  # fmt: skip
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rows", default="family", choices=["family", "shuffled"],
+                    help="W's rows in family order (near rows at near ids) or shuffled, as a "
+                    "trained model's are")  # fmt: skip
     ap.add_argument("--name", default="label_speed")
     args = ap.parse_args()
     setup_run(args.threads)
     results = [run_size(n, args.dim, args.batch, args.num, args.steps, args.full_max,
-                        args.exact_max, args.table_rows, args.shares)
+                        args.exact_max, args.table_rows, args.shares, args.rows)
                for n in args.sizes]  # fmt: skip
     path = write_json(args.name, {"machine": machine_info(), "args": vars(args),
                                   "results": results})  # fmt: skip

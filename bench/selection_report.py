@@ -6,7 +6,8 @@ reads them):
 - ``python -m bench.label_speed`` -> ``label_speed.json``: the head step with random,
   label-driven (``sampler.query=label``) and per-feature (``query=feature``) selection, and
   the dense baseline, side by side at N = 1e5 / 1e6 (``label_speed_long.json``: 10^6 over
-  300 steps);
+  300 steps; ``label_speed_rows_{shuffled,family}.json``: W's rows shuffled and in family
+  order, ``--rows``);
 - ``python -m bench.build_stall`` -> ``build_stall.json``: steps while an index build runs in
   a thread or in the build process (``build_stall_threads.json``: the worker's build threads
   beside torch's, ``--repeat``ed);
@@ -36,6 +37,14 @@ from bench.paths import OUT_DIR
 from bench.selection_plot import selection_plot
 
 GIB = 2**30
+# the same comparison with W's rows shuffled (as a trained model's) and in family order
+ROW_ORDER_RESULTS = ("label_speed_rows_shuffled", "label_speed_rows_family")
+ROW_ORDER_CAPTION = (
+    "**W's row order** (`--rows`): the benchmarks' rows come in families of near neighbours "
+    "at neighbouring ids, so a forest leaf's rows lie in runs of ten in memory; a trained "
+    "model's class ids say nothing of where its rows lie (`--rows shuffled`). Two runs back "
+    "to back, shuffled first (the features and labels follow the rows):"
+)
 
 
 def _ms(v: float | None) -> str:
@@ -59,6 +68,10 @@ def _label_command(args: dict[str, Any]) -> str:
         words += ["--exact-max", "0"]
     words += ["--threads", str(args.get("threads") or 1)]
     words += ["--shares", *(f"{v:g}" for v in args.get("shares", [0.25, 0.5]))]
+    if args.get("full_max", 1_000_000) != 1_000_000:
+        words += ["--full-max", str(args["full_max"])]
+    if args.get("rows", "family") != "family":
+        words += ["--rows", args["rows"]]
     if args.get("name", "label_speed") != "label_speed":
         words += ["--name", args["name"]]
     return " ".join(words)
@@ -231,6 +244,11 @@ def render() -> str | None:
     longer = read_json("label_speed_long")  # the same at 10^6 over 300 steps
     if longer:
         parts += label_speed_section(longer) + [""]
+    layouts = [d for d in map(read_json, ROW_ORDER_RESULTS) if d]
+    if layouts:
+        parts += [ROW_ORDER_CAPTION, ""]
+        for data in layouts:
+            parts += label_speed_section(data) + [""]
     feature = read_json("accuracy_label_feature")
     if acc and feature:
         parts += ["### Label vs feature selection: accuracy (`bench/accuracy.py`)", ""]

@@ -76,3 +76,19 @@ def test_stall_summary_gives_each_setting_its_median_and_range():
     assert len(lines) == 4  # header, rule, one line per setting
     assert "| 2 | 3 | 2.40 (1.80–3.00) |" in lines[2]
     assert "| 1 | 2 | 2.15 (2.10–2.20) |" in lines[3]
+
+
+def test_label_speed_times_every_mode_on_shuffled_rows_and_says_how():
+    """``bench.label_speed --rows shuffled``: W's rows in a random order (as a trained
+    model's), every mode timed on them, the row order recorded and in the rendered command."""
+    from bench.label_speed import run_size
+    from bench.selection_report import _label_command
+
+    res = run_size(2000, 16, 32, 50, 5, full_max=2000, exact_max=0, table_rows=100,
+                   shares=[0.25], row_order="shuffled")  # fmt: skip
+    assert res["row_order"] == "shuffled"
+    assert set(res["modes"]) == {"random", "label_annoy", "feature_annoy", "mixed0.25_annoy",
+                                 "full"}  # fmt: skip
+    assert res["modes"]["label_annoy"]["table_s"] > 0 and res["modes"]["random"]["steps"] == 3
+    command = _label_command({"sizes": [2000], "full_max": 1, "rows": "shuffled"})
+    assert command.endswith("--full-max 1 --rows shuffled")
