@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from hf_softmax.collectives import rank0_object
+from hf_softmax.cores import usable_cores
 from hf_softmax.page_release import release_array
 
 log = logging.getLogger(__name__)
@@ -182,8 +183,7 @@ def worker_threads(build_threads: int | None) -> int:
         return int(build_threads)
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) - torch.get_num_threads())
+    return max(1, usable_cores() - torch.get_num_threads())
 
 
 def settle_upkeep(sampler: Any, settings: Any, mode: str, auto: tuple[str, str] | None) -> None:

@@ -8,7 +8,6 @@ every reported number uses the same features. ``embed_images`` decodes encoded i
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.transforms import decode_image, normalize, resize
+from hf_softmax.cores import usable_cores
 
 
 def flip_embed(backbone: nn.Module, images: torch.Tensor, flip: bool) -> torch.Tensor:
@@ -67,7 +67,7 @@ def embed_images(
     Images are decoded as RGB (channels 3) or grayscale (1), the backbone's in_channels.
     """
     out = []
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(8, usable_cores())) as pool:
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             batch = decode_batch(chunk, start, input_size, source, pool, channels)

@@ -19,7 +19,6 @@ snapshot, so the serving index is never mutated (no lock on the query path).
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 from annoy import AnnoyIndex
 
+from hf_softmax.cores import threads_for
 from hf_softmax.samplers.base import Sampler
 from hf_softmax.samplers.build_files import MEMORY, BuildFiles, annoy_bytes
 
@@ -76,7 +76,7 @@ class AnnoySampler(Sampler):
         self.ntrees = int(ntrees)
         self.search_k = int(search_k)
         self.n_jobs = int(n_jobs)
-        self.query_threads = int(query_threads) if query_threads > 0 else (os.cpu_count() or 1)
+        self.query_threads = threads_for(query_threads)
         self.build_dir = build_dir
         self._files = BuildFiles(build_dir)
 
@@ -103,7 +103,7 @@ class AnnoySampler(Sampler):
             for i, row in enumerate(weights[start : start + _ADD_CHUNK].tolist(), start):
                 add(i, row)
             time.sleep(0)
-        index.build(self.ntrees, n_jobs=self.n_jobs)
+        index.build(self.ntrees, n_jobs=threads_for(self.n_jobs))  # annoy's -1: every host core
         self._files.built(index, path)
         return index
 
@@ -157,7 +157,7 @@ class AnnoySampler(Sampler):
         def run(part: list[int]) -> list[list[int]]:
             return [get(i, k, search_k) for i in part]
 
-        cores = self.n_jobs if self.n_jobs > 0 else (os.cpu_count() or 1)
+        cores = threads_for(self.n_jobs)
         threads = min(cores, max(1, len(items) // 64))
         if threads == 1:
             return pad_ids(run(items), k)

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hf_softmax.cores import threads_for
 from hf_softmax.samplers.base import Sampler
 from hf_softmax.samplers.exact import exact_topk
 
@@ -119,9 +119,8 @@ class FaissSampler(Sampler):
         self.efSearch = int(efSearch)
         self.kmeans_iters = int(kmeans_iters)
         self.train_per_list = int(train_per_list)
-        cores = os.cpu_count() or 1
-        self.threads = int(threads) if int(threads) > 0 else cores
-        self.query_threads = int(query_threads) if int(query_threads) > 0 else cores
+        self.threads = threads_for(threads)
+        self.query_threads = threads_for(query_threads)
         self.device = device
         self.backend: str | None = None  # "faiss-cpu" | "faiss-gpu" | "torch-exact" (1st build)
         self._gpu_resources: Any = None

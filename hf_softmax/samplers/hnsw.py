@@ -37,6 +37,7 @@ from typing import Any
 import hnswlib
 import numpy as np
 
+from hf_softmax.cores import threads_for
 from hf_softmax.samplers.base import Sampler
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class HNSWSampler(Sampler):
 
     @property
     def _add_threads(self) -> int:
-        return self.num_threads if self.build_threads is None else self.build_threads
+        return threads_for(self.num_threads if self.build_threads is None else self.build_threads)
 
     def refresh(self, weights: np.ndarray, changed_ids: np.ndarray) -> hnswlib.Index:
         """Bring a graph up to date with ``weights``; returns the index to ``swap`` in.
@@ -200,7 +201,7 @@ class HNSWSampler(Sampler):
         if index.ef != self.ef:  # tuned since this index was built
             index.set_ef(self.ef)
         try:
-            labels, _ = index.knn_query(feats, k=k, num_threads=self.num_threads)
+            labels, _ = index.knn_query(feats, k=k, num_threads=threads_for(self.num_threads))
         except RuntimeError:
             # hnswlib refuses when some query finds fewer than k (ef / m too small); the
             # random fill covers the missing ids.
