@@ -37,6 +37,11 @@ from bench.paths import OUT_DIR
 from bench.selection_plot import selection_plot
 
 GIB = 2**30
+# repeated build_stall runs shown as a summary: (result name, what they compare)
+STALL_REPEATS = (
+    ("build_stall_threads", "The worker's build threads beside torch's"),
+    ("build_stall_1e6_repeat", "The target's setting at 10^6, repeated"),
+)
 # the same comparison with W's rows shuffled (as a trained model's) and in family order
 ROW_ORDER_RESULTS = ("label_speed_rows_shuffled", "label_speed_rows_family")
 ROW_ORDER_CAPTION = (
@@ -256,15 +261,11 @@ def render() -> str | None:
     if stall:
         parts += ["### Steps during an index build (`bench/build_stall.py`)", ""]
         parts += stall_section(stall) + [""]
-    threads = read_json("build_stall_threads")
-    if threads:
-        parts += [
-            f"The worker's build threads beside torch's: `{threads['command']}`. "
-            f"{threads.get('note', '')}",
-            "",
-            stall_summary(threads["rows"]),
-            "",
-        ]
+    for name, title in STALL_REPEATS:
+        runs = read_json(name)
+        if runs:
+            parts += [f"{title}: `{runs['command']}`. {runs.get('note', '')}", "",
+                      stall_summary(runs["rows"]), ""]  # fmt: skip
     if scale:
         parts += ["### 10^7 classes in host RAM (`bench/index_scale.py`)", ""]
         parts += scale_section(scale) + [""]
