@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench import accuracy_report, head_speed_report, index_cost, selection_report
+from bench import accuracy_report, head_speed_report, index_cost, selection_report, table_cost
 from bench.paths import DOCS, OUT_DIR
 from bench.targets import accuracy_target, head_target, large_target, stall_target
 
@@ -115,6 +115,9 @@ def write_doc(
     selection = selection_report.render()
     if selection:
         parts += ["", "## Selection off the critical path (issue 14)", "", selection]
+    table = table_cost.render()
+    if table:
+        parts += ["", "### Class table from projection cells (`bench/table_cost.py`)", "", *table]
     gpu = gpu_section(OUT_DIR / GPU_JSON)
     if gpu:
         parts += ["", gpu]

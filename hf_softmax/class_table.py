@@ -37,17 +37,20 @@ TABLE_BATCH = 4096  # rows queried per call while building a table
 
 
 def check_label_knobs(
-    name: str, query: str, table_k: int, feature_share: float = 0.0
-) -> tuple[str, int, float]:
-    """-> (query, table_k, feature_share) of sampler ``name``, or ValueError naming the
-    expected values."""
+    name: str, query: str, table_k: int, feature_share: float = 0.0, table_trees: int = 0
+) -> tuple[str, int, float, int]:
+    """-> (query, table_k, feature_share, table_trees) of sampler ``name``, or ValueError
+    naming the expected values."""
     if query not in QUERY_MODES:
         raise ValueError(f"sampler {name!r}: query must be one of {QUERY_MODES}, got {query!r}")
     if int(table_k) < 1:
         raise ValueError(f"sampler {name!r}: table_k must be >= 1, got {table_k}")
     if not 0.0 <= float(feature_share) <= 1.0:
         raise ValueError(f"sampler {name!r}: feature_share must be in [0, 1], got {feature_share}")
-    return str(query), int(table_k), float(feature_share)
+    if int(table_trees) < 0:
+        raise ValueError(f"sampler {name!r}: table_trees must be >= 0 (0: the table from the "
+                         f"index), got {table_trees}")  # fmt: skip
+    return str(query), int(table_k), float(feature_share), int(table_trees)
 
 
 def drop_self(ids: np.ndarray, rows: np.ndarray) -> np.ndarray:

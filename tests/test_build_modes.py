@@ -92,3 +92,19 @@ def test_label_speed_times_every_mode_on_shuffled_rows_and_says_how():
     assert res["modes"]["label_annoy"]["table_s"] > 0 and res["modes"]["random"]["steps"] == 3
     command = _label_command({"sizes": [2000], "full_max": 1, "rows": "shuffled"})
     assert command.endswith("--full-max 1 --rows shuffled")
+
+
+def test_table_cost_compares_the_index_table_with_the_cell_table():
+    """``bench.table_cost``: the annoy index's table and ``table_trees`` tables timed and
+    scored against the exact neighbours, rendered as one table."""
+    from bench.table_cost import render, run_size
+
+    rows = run_size(3000, 16, 8, [1, 3], probes=100)
+    assert [r["source"] for r in rows] == ["annoy index (10 trees)", "table_trees=1",
+                                           "table_trees=3"]  # fmt: skip
+    assert rows[0]["index_s"] > 0 and rows[1]["index_s"] is None
+    assert 0 < rows[1]["recall"] < rows[2]["recall"] <= 1  # more trees, more of the exact ones
+    data = {"args": {"d": 16, "k": 8, "probe": 100}, "command": "python -m bench.table_cost",
+            "machine": {"torch_threads": 1}, "results": rows}  # fmt: skip
+    text = "\n".join(render(data))
+    assert "| 3,000 | table_trees=3 |" in text and "recall@8" in text

@@ -70,7 +70,8 @@ class AutoSampler(Sampler):
                              f"{sorted(set(self.faiss) - set(FAISS_KNOBS))}; expected some "
                              f"of {list(FAISS_KNOBS)} (conf/sampler/faiss.yaml)")  # fmt: skip
         mode = {"query": self.query_mode, "table_k": self.table_k,
-                "feature_share": self.feature_share}  # the backend builds tables  # fmt: skip
+                "feature_share": self.feature_share,
+                "table_trees": self.table_trees}  # the backend builds tables  # fmt: skip
         self.backends: dict[str, Sampler] = {
             "exact": ExactSampler(num_classes, num, metric, seed, chunk_size, **mode),
             "annoy": AnnoySampler(

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hf_softmax.cell_table import cell_table
 from hf_softmax.class_table import (
     TABLE_BATCH,
     batch_order,
@@ -55,7 +56,8 @@ class Sampler(SamplerTuning, SamplerState):
     query: "feature" (each feature's nearest rows, queried per step) or "label" (the
     positives' rows of the class-neighbour table, K = ``table_k`` per class, built with the
     index); feature_share (label mode): the share of the index's negatives that the first
-    ceil(feature_share * B) samples query per feature, the table filling the rest.
+    ceil(feature_share * B) samples query per feature, the table filling the rest;
+    table_trees (label mode): 0 = the table from the index, T > 0 = from T projection trees.
     Subclasses take their own knobs and pass ``**selection`` on, so
     ``conf/sampler/<name>.yaml`` (``_partial_: true``) holds M, the selection knobs and the
     kind's knobs; N, the metric and the seed are given when the data is known.
@@ -89,9 +91,10 @@ class Sampler(SamplerTuning, SamplerState):
         query: str = "feature",
         table_k: int = 16,
         feature_share: float = 0.0,
+        table_trees: int = 0,
     ) -> None:
-        self.query_mode, self.table_k, self.feature_share = check_label_knobs(
-            self.name, query, table_k, feature_share
+        self.query_mode, self.table_k, self.feature_share, self.table_trees = check_label_knobs(
+            self.name, query, table_k, feature_share, table_trees
         )
         if metric not in METRICS:
             raise ValueError(
@@ -169,10 +172,13 @@ class Sampler(SamplerTuning, SamplerState):
 
     def build_table(self, index: Any, weights: np.ndarray) -> np.ndarray | None:
         """The (N, table_k) int32 class-neighbour table from a built ``index`` over
-        ``weights`` (N, D); None in feature mode. Pure, like ``build_index``."""
+        ``weights`` (N, D); None in feature mode. Pure, like ``build_index``. With
+        ``table_trees`` T > 0, from T random-projection trees' cells instead (``cell_table``)."""
         if self.query_mode != "label" or index is None:
             return None
         weights = np.asarray(weights)
+        if self.table_trees > 0:
+            return cell_table(weights, self.table_k, self.table_trees, self.seed, self.metric)
 
         def rows(ids: np.ndarray, k: int) -> np.ndarray:
             return self.query_rows(index, weights, ids, k)
