@@ -76,3 +76,8 @@ def test_a_label_mode_worker_hands_back_the_cell_table():
         assert out.active.ids.numel() == M and m.failures == 0
     finally:
         m.close()
+
+
+def test_a_negative_tree_count_is_refused_naming_the_knob():
+    with pytest.raises(ValueError, match="table_trees must be >= 0"):
+        make("annoy", query="label", table_trees=-1)
