@@ -26,19 +26,22 @@ from bench.common import family_rows, machine_info, sampler_config, setup_run, w
 from bench.formatting import markdown_table
 from bench.output import read_json
 from hf_softmax.cell_table import cell_table
+from hf_softmax.class_table import drop_self
 from hf_softmax.samplers import build_sampler
+from hf_softmax.samplers.exact import exact_topk
 
 RESULT = "table_cost"
 
 
 def exact_neighbours(rows: np.ndarray, probe: np.ndarray, k: int) -> np.ndarray:
-    """(len(probe), k): each probe row's k nearest other rows by inner product."""
-    scores = torch.from_numpy(rows[probe]) @ torch.from_numpy(rows).T
-    scores[torch.arange(len(probe)), torch.from_numpy(probe)] = -float("inf")
-    return torch.topk(scores, k, dim=1).indices.numpy()
+    """(len(probe), k): each probe row's k nearest other rows by inner product (the exact
+    sampler's chunked top-k, the row itself dropped as its table build drops it)."""
+    return drop_self(exact_topk(rows, rows[probe], k + 1), probe)
 
 
 def recall(table: np.ndarray, probe: np.ndarray, exact: np.ndarray) -> float:
+    """The share of each probe row's exact neighbours (``exact``, one row per probe) that
+    its table row holds, averaged."""
     hits = [
         len(set(table[p].tolist()) & set(e.tolist())) for p, e in zip(probe, exact, strict=True)
     ]

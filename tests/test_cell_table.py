@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bench.synthetic import family_rows
+from bench.table_cost import recall
 from hf_softmax.cell_table import cell_table, projection_cells
 from hf_softmax.index_maintainer import IndexMaintainer
 from tests.test_index_maintainer import B, D, M, make, train
@@ -19,12 +20,6 @@ def exact_table(rows: np.ndarray, k: int, metric: str) -> np.ndarray:
     gram = x @ x.T
     gram.fill_diagonal_(-float("inf"))
     return torch.topk(gram, k, dim=1).indices.numpy()
-
-
-def recall(table: np.ndarray, exact: np.ndarray) -> float:
-    return float(
-        np.mean([len(set(a) & set(b)) / exact.shape[1] for a, b in zip(table, exact, strict=True)])
-    )
 
 
 @pytest.mark.parametrize("metric", ["ip", "cosine"])
@@ -51,7 +46,8 @@ def test_cells_partition_the_rows_into_balanced_cells_of_near_rows():
 def test_more_trees_find_more_of_the_exact_neighbours_and_never_repeat_one():
     rows = family_rows(4000, 24, family_size=10, spread=0.35)
     exact = exact_table(rows, 8, "ip")
-    found = [recall(cell_table(rows, 8, trees, seed=5, cell_rows=128), exact) for trees in (1, 4)]
+    every = np.arange(4000)
+    found = [recall(cell_table(rows, 8, t, seed=5, cell_rows=128), every, exact) for t in (1, 4)]
     assert 0.3 < found[0] < found[1] and found[1] > 0.7
     table = cell_table(rows, 8, 4, seed=5, cell_rows=128)
     scores = np.einsum("nd,nkd->nk", rows, rows[table])
