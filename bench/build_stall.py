@@ -10,6 +10,8 @@ build worker, ``hf_softmax.build_worker``, given ``build_threads`` cores).
     python -m bench.build_stall --n 100000 1000000 --threads 1 --build-threads 1
     python -m bench.build_stall --n 100000 1000000 --indexes annoy --modes process \
         --queries feature label --out build_stall_label
+    python -m bench.build_stall --n 1000000 --indexes annoy --modes process --queries label \
+        --table-trees 0 4 --repeat 2 --control --out build_stall_table_trees
     python -m bench.build_stall --indexes annoy --modes process --threads 2 \
         --build-threads 2 0 --repeat 10 --control --out build_stall_threads
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import logging
 import os
 import time
@@ -71,14 +74,13 @@ def stall(
 ) -> dict[str, Any]:
     """Steps while the maintainer rebuilds ``name``'s index over ``w`` (N, D) in ``mode``.
 
-    refresh: the timed rebuild is the maintainer's refresh of the rows the warm-up and
-    baseline steps touched (hnsw), else a full build. prebuilt: an index already built over
-    ``w`` installed instead of the synchronous first build (thread mode only: in process
-    mode the worker makes the first build, and keeps it for its refreshes). gc_freeze: freeze
-    the objects alive before the timed steps out of Python's full GC passes, as
-    ``callbacks.gc_freeze`` does in training. control: after the build, as many steps again
-    with no build running, so that the longest of them shows what this machine does to one
-    step in that many without any build (``control_max_s``).
+    refresh: the timed rebuild refreshes the rows the steps before touched (hnsw), else
+    builds. prebuilt: an index already built over ``w`` installed instead of the synchronous
+    first build (thread mode only: in process mode the worker makes the first build, and
+    keeps it for its refreshes). gc_freeze: freeze the objects alive before the timed steps
+    out of Python's full GC passes, as ``callbacks.gc_freeze`` does in training. control:
+    after the build, as many steps again with no build running: the machine's own longest
+    step in that many (``control_max_s``).
     """
     n, d = w.shape
     head = build_head("linear")
@@ -144,7 +146,8 @@ def stall(
     base_med = float(np.median(base))
     res = {
         "index": name,
-        "query": knobs.get("query", "feature"),
+        "query": knobs.get("query", "feature")
+        + (f", table_trees {knobs['table_trees']}" if knobs.get("table_trees") else ""),
         "mode": mode if m.mode() == mode else f"{mode}: a {m.mode()}",  # hnsw feature
         "build_threads": worker_threads(build_threads) if m.mode() == "process" else build_threads,
         "N": n,
@@ -179,10 +182,11 @@ def run(
     sizes: list[int], dim: int = 256, modes: tuple[str, ...] = ("thread", "process"),
     indexes: tuple[str, ...] = ("annoy", "hnsw"), build_threads: tuple[int | None, ...] = (1,),
     queries: tuple[str, ...] = ("feature",), gc_freeze: bool = True, control: bool = False,
-    repeat: int = 1,
+    repeat: int = 1, table_trees: tuple[int, ...] = (0,),
 ) -> dict[str, Any]:  # fmt: skip
     """Every build_threads value (None: the worker's default rule) side by side, in turn,
-    ``repeat`` times over (each row notes its ``repeat``)."""
+    ``repeat`` times over (each row notes its ``repeat``); label queries once per
+    ``table_trees`` value (T > 0: the table alone, no index built)."""
     clock = RunClock()
     rows = []
     for n in sizes:
@@ -191,13 +195,14 @@ def run(
             for name in indexes:
                 for bt in build_threads:
                     knobs = {"n_jobs": bt or -1} if name == "annoy" else {"num_threads": 1}
-                    for query in queries:
-                        for mode in modes:
-                            rows.append({**stall(name, w, mode, bt, refresh=name == "hnsw",
-                                                 query=query, gc_freeze=gc_freeze,
-                                                 control=control, **knobs),
-                                         "repeat": rep})  # fmt: skip
-                            free_memory()
+                    settings = [(q, t) for q in queries
+                                for t in (table_trees if q == "label" else (0,))]  # fmt: skip
+                    for (query, trees), mode in itertools.product(settings, modes):
+                        rows.append({**stall(name, w, mode, bt, refresh=name == "hnsw",
+                                             query=query, gc_freeze=gc_freeze, control=control,
+                                             **knobs, **({"table_trees": trees} if trees else {})),
+                                     "repeat": rep})  # fmt: skip
+                        free_memory()
         del w
         free_memory()
     return {"rows": rows, "meta": clock.meta(dim=dim, build_threads=list(build_threads))}
@@ -207,20 +212,22 @@ def summary(rows: list[dict[str, Any]]) -> str:
     """One line per N, index, mode and build threads over repeated runs: medians and ranges."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["N"], r["index"], r["mode"], r["build_threads"]), []).append(r)
+        key = (r["N"], r["index"], r.get("query", "feature"), r["mode"], r["build_threads"])
+        groups.setdefault(key, []).append(r)
     out = []
-    for (n, index, mode, threads), rs in groups.items():
+    for (n, index, query, mode, threads), rs in groups.items():
         ratio = [r["max_over_median"] for r in rs]
         out.append({
-            "N": n, "index": index, "mode": mode, "threads": threads, "runs": len(rs),
+            "N": n, "index": index, "query": query, "mode": mode, "threads": threads,
+            "runs": len(rs),
             "ratio": f"{np.median(ratio):.2f} ({min(ratio):.2f}–{max(ratio):.2f})",
             "build_s": float(np.median([r["build_s"] for r in rs])),
             "during": float(np.median([r["median_during_s"] for r in rs])),
             "control": float(np.median([r.get("control_max_over_median", np.nan) for r in rs])),
         })  # fmt: skip
     return markdown_table(out, [
-        ("N", "N", fmt_count), ("index", "index", None), ("mode", "build in", None),
-        ("threads", "build threads", None), ("runs", "runs", None),
+        ("N", "N", fmt_count), ("index", "index", None), ("query", "selection", None),
+        ("mode", "build in", None), ("threads", "build threads", None), ("runs", "runs", None),
         ("ratio", "longest / median: median (range)", None),
         ("build_s", "build time", fmt_seconds), ("during", "median step (during)", fmt_seconds),
         ("control", "no build: longest / median", lambda x: f"{x:.2f}"),
@@ -261,27 +268,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--modes", nargs="+", default=["thread", "process"])
     p.add_argument("--indexes", nargs="+", default=["annoy", "hnsw"])
     p.add_argument("--threads", type=int, default=1, help="torch threads of the trainer")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each setting, in turn")
     p.add_argument("--build-threads", type=int, nargs="+", default=[1],
                    help="the worker's (and annoy's) build threads, several side by side; 0: "
                         "null, the default rule (the cores torch's threads leave free, at "
                         "least one)")  # fmt: skip
-    p.add_argument("--repeat", type=int, default=1,
-                   help="run each setting this many times, in turn (summary: medians)")  # fmt: skip
     p.add_argument("--queries", nargs="+", default=["feature"], choices=["feature", "label"],
                    help="label: the build also makes the class table (process: the only "
                         "thing handed back)")  # fmt: skip
+    p.add_argument("--table-trees", type=int, nargs="+", default=[0],
+                   help="label: 0 the index's table, T > 0 the trees' (no index)")  # fmt: skip
     p.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
-                   help="leave every object in Python's full GC passes (train.py freezes the "
-                        "ones alive at train start: callbacks.gc_freeze)")  # fmt: skip
+                   help="no gc freeze (train.py's callbacks.gc_freeze)")  # fmt: skip
     p.add_argument("--control", action="store_true",
-                   help="after each build, as many steps again with no build (the machine's "
-                        "own longest step in that many)")  # fmt: skip
+                   help="then as many steps with no build (the machine's own)")  # fmt: skip
     p.add_argument("--out", default="build_stall")
     args = p.parse_args(argv)
     setup_run(args.threads)
     threads = tuple(t or None for t in args.build_threads)
     data = run(args.n, args.d, tuple(args.modes), tuple(args.indexes), threads,
-               tuple(args.queries), args.gc_freeze, args.control, args.repeat)  # fmt: skip
+               tuple(args.queries), args.gc_freeze, args.control, args.repeat,
+               tuple(args.table_trees))  # fmt: skip
     write_json(args.out, data)
     print(render(data))
     if args.repeat > 1 or len(threads) > 1:

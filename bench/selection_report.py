@@ -41,6 +41,8 @@ GIB = 2**30
 STALL_REPEATS = (
     ("build_stall_threads", "The worker's build threads beside torch's"),
     ("build_stall_1e6_repeat", "The target's setting at 10^6, repeated"),
+    ("build_stall_table_trees", "Label mode's table alone (`table_trees`) against annoy's"),
+    ("build_stall_kept_block", "The table alone, the worker keeping the shared block mapped"),
 )
 # the same comparison with W's rows shuffled (as a trained model's) and in family order
 ROW_ORDER_RESULTS = ("label_speed_rows_shuffled", "label_speed_rows_family")

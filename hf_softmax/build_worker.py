@@ -9,8 +9,9 @@ release the GIL):
    block (never pickled; no intermediate snapshot); the worker gets its name, the shape and
    the changed row ids. The block is made once and reused by every rebuild of that size:
    its pages are faulted in once, not per rebuild (copying 1 GB into fresh memory stalled a
-   10^6-class step for 0.4 s). A row a step writes meanwhile may be copied half-updated (as
-   in a build thread; it is marked touched again);
+   10^6-class step for 0.4 s), and the worker keeps it mapped (``shared_block``). A row a
+   step writes meanwhile may be copied half-updated (as in a build thread; it is marked
+   touched again);
 2. the worker builds (or refreshes the index it built last: hnsw in place, the class's
    ``worker_knobs``) with its own threads, ``build_threads`` of them (annoy ``n_jobs``,
    hnsw ``num_threads``, faiss ``threads``; faiss on the CPU; the maintainer's default:
@@ -38,9 +39,9 @@ block and removes its temporary directory (also at interpreter exit).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -60,7 +61,8 @@ from hf_softmax.index_files import (
     save_index,
     table_path,
 )
-from hf_softmax.worker_process import WorkerProcess, attach_block
+from hf_softmax.shared_block import attached, create_block, free_block
+from hf_softmax.worker_process import WorkerProcess
 
 if TYPE_CHECKING:
     import torch
@@ -110,6 +112,17 @@ def serve(conn: Any, cls: type, kwargs: dict[str, Any], threads: int | None) -> 
     sampler = cls(**kwargs)
     refreshing = refreshes(cls)
     written: list[Path] = []  # this worker's index files, oldest first
+    blocks: list[SharedMemory] = []  # the trainer's reused block, kept mapped between builds
+    try:
+        _serve(conn, sampler, refreshing, written, blocks)
+    finally:
+        for shm in blocks:
+            with contextlib.suppress(BufferError):  # a view left by a failed build
+                shm.close()
+
+
+def _serve(conn: Any, sampler: Any, refreshing: bool, written: list[Path],
+           blocks: list[SharedMemory]) -> None:  # fmt: skip
     while True:
         try:
             msg = conn.recv()
@@ -119,7 +132,7 @@ def serve(conn: Any, cls: type, kwargs: dict[str, Any], threads: int | None) -> 
             return
         kind, shm_name, shape, changed, path, effort = msg
         written = keep_last_files(written) + [Path(path)]
-        shm = attach_block(shm_name)
+        shm = attached(blocks, shm_name)
         t0 = time.perf_counter()
         try:
             if effort is not None:  # target_recall tuned it in the trainer
@@ -128,9 +141,10 @@ def serve(conn: Any, cls: type, kwargs: dict[str, Any], threads: int | None) -> 
             index, done = None, "refresh"
             if kind == "refresh" and sampler.has_index:
                 index = sampler.refresh(weights, changed)
-            if index is None:
-                index, done = sampler.build_index(weights), "build"
-            table = sampler.build_table(index, weights)  # label mode: (N, K) int32
+            if index is None:  # label mode: with its (N, K) int32 table, or that alone
+                (index, table), done = sampler.build(weights), "build"
+            else:
+                table = sampler.build_table(index, weights)
             del weights  # no view may outlive the block
             if refreshing:  # kept: the next refresh starts from it
                 sampler.swap(index)
@@ -146,8 +160,6 @@ def serve(conn: Any, cls: type, kwargs: dict[str, Any], threads: int | None) -> 
             index = table = None  # freed now, not at the next request (1.2 GB idle at 10^6)
         except BaseException:  # noqa: BLE001 - reported to the trainer
             conn.send(("error", traceback.format_exc()))
-        finally:
-            shm.close()
 
 
 def _stop(proc: Any, conn: Any, tmpdir: str, blocks: list[SharedMemory]) -> None:
@@ -164,7 +176,7 @@ def _stop(proc: Any, conn: Any, tmpdir: str, blocks: list[SharedMemory]) -> None
     if conn is not None:
         conn.close()
     while blocks:
-        _free_block(blocks.pop())
+        free_block(blocks.pop())
     shutil.rmtree(tmpdir, ignore_errors=True)
 
 
@@ -210,9 +222,9 @@ class BuildWorker:
     def _block(self, nbytes: int) -> SharedMemory:
         """The shared block of ``nbytes``, made on first use and kept (remade when N changes)."""
         if self._blocks and self._blocks[0].size != max(int(nbytes), 1):
-            _free_block(self._blocks.pop())
+            free_block(self._blocks.pop())
         if not self._blocks:
-            self._blocks.append(_shared_block(nbytes))
+            self._blocks.append(create_block(nbytes))
         return self._blocks[0]
 
     def build(
@@ -275,21 +287,3 @@ class BuildWorker:
     def close(self) -> None:
         self._finalizer()
         self._proc = self._conn = None
-
-
-def _free_block(shm: SharedMemory) -> None:
-    shm.close()
-    shm.unlink()
-
-
-def _shared_block(nbytes: int) -> SharedMemory:
-    """A shared-memory block of ``nbytes``; a clear error where /dev/shm is too small (a
-    write past its size would kill the process with SIGBUS)."""
-    if os.path.isdir("/dev/shm"):
-        free = shutil.disk_usage("/dev/shm").free
-        if free < nbytes:
-            raise RuntimeError(
-                f"build worker: /dev/shm has {free / 2**30:.2f} GiB free, the snapshot needs "
-                f"{nbytes / 2**30:.2f} GiB (docker: --shm-size)"
-            )
-    return SharedMemory(create=True, size=max(int(nbytes), 1))

@@ -78,9 +78,10 @@ def run_build(
         if index is None and job.kind == "refresh" and sampler.has_index:
             index = sampler.refresh(weights, changed)  # None: the sampler declines
             job.kind_done = "build" if index is None else "refresh"
-        if index is None:
-            index = sampler.build_index(weights)
-        job.table = sampler.build_table(index, weights)  # None in feature mode
+        if index is None:  # label mode: with the table (``table_only``: the table alone)
+            index, job.table = sampler.build(weights)
+        else:
+            job.table = sampler.build_table(index, weights)  # None in feature mode
         job.index = index
         if taken and not _aliases(index, weights):  # indexes copy their rows (build_index)
             release_array(weights)

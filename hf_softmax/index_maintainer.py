@@ -26,8 +26,7 @@ due rebuild retries. A sampler's ``refresh`` (hnsw) gets the rows updated since 
 Each hook returns the metrics to log: ``index/rebuild_seconds``, ``index/builds``,
 ``index/recall@k`` (``@<k>`` with a fixed ``probe_k``), ``index/k``, ``index/num``,
 ``index/effort``. Counters are ``state_dict()``; the index never is. Samplers without an
-index (full, random) make every hook a no-op.
-"""
+index (full, random) make every hook a no-op. Label mode's ``table_only``: the table alone."""
 
 from __future__ import annotations
 
@@ -161,8 +160,9 @@ class IndexMaintainer:
         self.builds += 1
         self.last_build_step = step
         self.history.append(RebuildRecord(step, step, job.seconds, "build", False))
-        log.info("built the %s index over %d classes in %.2fs (interval %d, background %s)",
-                 sampler.name, sampler.num_classes, job.seconds, self.settings.interval,
+        what = "class table (no index: table_trees)" if sampler.table_only else "index"
+        log.info("built the %s %s over %d classes in %.2fs (interval %d, background %s)",
+                 sampler.name, what, sampler.num_classes, job.seconds, self.settings.interval,
                  self.settings.background)  # fmt: skip
         return {}
 

@@ -26,9 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from multiprocessing import resource_tracker
 from multiprocessing.connection import Client, Listener
-from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any
 
@@ -103,17 +101,6 @@ def socket_address(folder: str) -> str:
     if len(path.encode()) > _MAX_SOCKET_PATH and sys.platform.startswith("linux"):
         return "\0hf_softmax-" + name
     return path
-
-
-def attach_block(name: str) -> SharedMemory:
-    """The parent's shared block ``name``, opened in the child without tracking it: the
-    child's own resource tracker would unlink the parent's block when the child exits
-    (CPython gh-82300; Python 3.13 has ``track=False``, earlier ones unregister it)."""
-    if sys.version_info >= (3, 13):
-        return SharedMemory(name=name, track=False)
-    shm = SharedMemory(name=name)
-    resource_tracker.unregister("/" + shm.name, "shared_memory")  # POSIX names: "/" + name
-    return shm
 
 
 def _exit_with(parent: int) -> None:

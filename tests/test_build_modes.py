@@ -64,6 +64,21 @@ def test_stall_and_index_cost_benchmarks_refresh_hnsw():
     assert all(r["recall"] >= 0.9 for r in rows)
 
 
+def test_stall_times_a_label_build_of_the_table_alone():
+    """``bench.build_stall --queries label --table-trees 2``: the worker builds the table from
+    projection trees and no index; the row says which selection it timed."""
+    import numpy as np
+
+    from bench.build_stall import stall, summary
+
+    w = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32) * 0.05
+    res = stall("annoy", w, "process", 1, batch=16, num=50, baseline_steps=3, query="label",
+                table_trees=2, n_jobs=1)  # fmt: skip
+    assert res["query"] == "label, table_trees 2" and res["kind"] == "build"
+    assert res["mode"] == "process" and res["steps_during"] >= 1
+    assert "| label, table_trees 2 | process |" in summary([{**res, "repeat": 0}])
+
+
 def test_stall_summary_gives_each_setting_its_median_and_range():
     """``bench.build_stall --repeat``: one line per N and build threads over the runs."""
     from bench.build_stall import summary
@@ -108,3 +123,5 @@ def test_table_cost_compares_the_index_table_with_the_cell_table():
             "machine": {"torch_threads": 1}, "results": rows}  # fmt: skip
     text = "\n".join(render(data))
     assert "| 3,000 | table_trees=3 |" in text and "recall@8" in text
+    tree = f"{rows[2]['table_s']:.1f}"
+    assert f"| table_trees=3 | – | {tree} | {tree} |" in text  # no index: the table alone

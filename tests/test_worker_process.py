@@ -171,6 +171,29 @@ def test_the_worker_leaves_the_trainers_shared_block_alone_when_it_exits():
     assert not os.path.exists(f"/dev/shm/{block}")
 
 
+def test_the_worker_keeps_the_trainers_block_mapped_between_builds():
+    """The worker maps the reused block once: after a build it is still in the worker's
+    memory map (mapped afresh per build, its pages were faulted in again each time), and a
+    second build over other rows sees those rows through the same mapping."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/<pid>/maps")
+    from hf_softmax.build_worker import BuildWorker
+
+    rng = np.random.default_rng(2)
+    rows = [rng.standard_normal((400, 8)).astype(np.float32) for _ in range(2)]
+    worker = BuildWorker(AnnoySampler(400, 40, ntrees=2, n_jobs=1), 1)
+    try:
+        for r in rows:
+            index, _, _ = worker.build("build", r, np.empty(0, np.int64))
+            time.sleep(0.3)  # the worker replies first, then would have closed it
+            maps = Path(f"/proc/{worker.pid}/maps").read_text()
+            assert maps.count(f"/dev/shm/{worker.shared_block}") == 1
+            got = np.array([index.get_item_vector(i) for i in (0, 399)], np.float32)
+            np.testing.assert_allclose(got, r[[0, 399]], rtol=1e-6)
+    finally:
+        worker.close()
+
+
 def test_a_worker_starts_where_its_folder_path_is_too_long_for_a_socket_file(tmp_path):
     """A long ``TMPDIR`` (cluster scratch paths) would pass the Unix socket's 108-byte path
     limit: the worker listens on an abstract address instead (Linux)."""

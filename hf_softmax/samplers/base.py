@@ -66,9 +66,8 @@ class Sampler(SamplerTuning, SamplerState):
     name: str = "base"
     dense: bool = False
     needs_index: bool = False
-    # Selection knobs shared by every sampler (``check_selection_knobs``): the share of the
-    # negatives drawn uniformly even when an index serves, the number of selects made at
-    # random before the index is used, and the sampling correction of the loss.
+    # selection knobs of every sampler (``check_selection_knobs``): the uniform share of the
+    # negatives, selects at random before the index serves, the loss's sampling correction
     random_fraction: float = 0.0
     index_after: int = 0
     correction: str = "none"
@@ -113,9 +112,7 @@ class Sampler(SamplerTuning, SamplerState):
         self._lock = threading.Lock()
         self._warned_fallback = False
         self.last_k: int | None = None
-        self.num_selects = 0
-        self.num_fallbacks = 0
-        self.num_swaps = 0
+        self.num_selects = self.num_fallbacks = self.num_swaps = 0
         # selection knobs (see the class attributes and ``active_set.check_selection_knobs``)
         self.random_fraction, self.index_after, self.correction = check_selection_knobs(
             self.name, random_fraction, index_after, correction
@@ -170,11 +167,24 @@ class Sampler(SamplerTuning, SamplerState):
         ``feature_share``): the training process needs the index itself, not only the table."""
         return self.query_mode == "feature" or self.feature_share > 0
 
+    @property
+    def table_only(self) -> bool:
+        """Label mode, the table from projection trees, no feature share: no step queries the
+        index and the table needs none, so a build makes the table alone (``build``)."""
+        return self.query_mode == "label" and self.table_trees > 0 and self.feature_share == 0
+
+    def build(self, weights: np.ndarray) -> tuple[Any, np.ndarray | None]:
+        """weights (N, D) snapshot -> (index, table): ``build_index`` then ``build_table``;
+        ``table_only``: (None, the table), no index built."""
+        index = None if self.table_only else self.build_index(weights)
+        return index, self.build_table(index, weights)
+
     def build_table(self, index: Any, weights: np.ndarray) -> np.ndarray | None:
         """The (N, table_k) int32 class-neighbour table from a built ``index`` over
         ``weights`` (N, D); None in feature mode. Pure, like ``build_index``. With
-        ``table_trees`` T > 0, from T random-projection trees' cells instead (``cell_table``)."""
-        if self.query_mode != "label" or index is None:
+        ``table_trees`` T > 0, from T random-projection trees' cells instead (``cell_table``),
+        with or without an index."""
+        if self.query_mode != "label" or (index is None and self.table_trees == 0):
             return None
         weights = np.asarray(weights)
         if self.table_trees > 0:
@@ -185,10 +195,7 @@ class Sampler(SamplerTuning, SamplerState):
 
         return neighbour_table(rows, weights.shape[0], self.table_k, self.table_batch)
 
-    @property
-    def table_batch(self) -> int:
-        """Rows queried per call while building the table."""
-        return TABLE_BATCH
+    table_batch = TABLE_BATCH  # rows queried per call while building the table
 
     def query_rows(self, index: Any, weights: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
         """The k nearest rows of ``index`` (built over ``weights`` (N, D)) to its own rows
@@ -209,8 +216,7 @@ class Sampler(SamplerTuning, SamplerState):
             self.num_swaps += 1
 
     def refresh(self, weights: np.ndarray, changed_ids: np.ndarray) -> Any | None:
-        """Incremental update of only ``changed_ids``; None means unsupported (rebuild instead)."""
-        return None
+        """Incremental update of only ``changed_ids``; None: unsupported (rebuild instead)."""
 
     def ready_for_refresh(self) -> None:
         """After the first build, before the first step: what ``refresh`` in this process
@@ -290,7 +296,5 @@ class Sampler(SamplerTuning, SamplerState):
         return rank_major_candidates(nbrs, pos, want)
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(num_classes={self.num_classes}, num={self.num}, "
-            f"metric={self.metric!r}, has_index={self.has_index})"
-        )
+        return (f"{type(self).__name__}(num_classes={self.num_classes}, num={self.num}, "
+                f"metric={self.metric!r}, has_index={self.has_index})")  # fmt: skip
