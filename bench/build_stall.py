@@ -3,13 +3,10 @@
 The real ``IndexMaintainer`` rebuilds the index of a real ``SampledClassifier`` while this
 thread keeps taking real training steps (select, gather, forward/backward, sparse update),
 exactly as ``callbacks.index_rebuild`` drives it. Reported: the longest step seen while the
-build ran against the median step without one (target: longest <= 2x median).
-Modes: ``thread`` (a build thread of the training process) and ``process`` (the
-build worker, ``hf_softmax.build_worker``, given ``build_threads`` cores).
+build ran against the median step without one (target: longest <= 2x median). Modes:
+``thread`` (a build thread) and ``process`` (the build worker, ``build_threads`` cores).
 
     python -m bench.build_stall --n 100000 1000000 --threads 1 --build-threads 1
-    python -m bench.build_stall --n 100000 1000000 --indexes annoy --modes process \
-        --queries feature label --out build_stall_label
     python -m bench.build_stall --n 1000000 --indexes annoy --modes process --queries label \
         --table-trees 0 4 --repeat 2 --control --out build_stall_table_trees
     python -m bench.build_stall --indexes annoy --modes process --threads 2 \
@@ -36,14 +33,13 @@ from bench.common import (  # noqa: E402
     RunClock,
     family_rows,
     features_near,
-    fmt_count,
-    fmt_seconds,
     free_memory,
-    markdown_table,
     sampler_config,
     setup_run,
+    steal_seconds,
     write_json,
 )
+from bench.stall_report import render, summary  # noqa: E402
 from callbacks.gc_freeze import freeze_live_objects  # noqa: E402
 from hf_softmax.classifier import SampledClassifier  # noqa: E402
 from hf_softmax.heads import build_head  # noqa: E402
@@ -97,10 +93,11 @@ def stall(
 
     hooks: list[float] = []  # the maintainer's share of each step (swap, old index dropped)
     cpu: list[float] = []  # each step's CPU time in this thread (wall >> cpu: it waited)
+    stolen: list[float] = []  # the hypervisor's steal over each step (all CPUs)
 
     def step(i: int, at: int) -> float:
         """One training step at global step ``at``, with the maintainer's step-start hook."""
-        t0, c0 = time.perf_counter(), time.thread_time()
+        t0, c0, s0 = time.perf_counter(), time.thread_time(), steal_seconds()
         m.on_step_start(at)
         hooks.append(time.perf_counter() - t0)
         f, y = pool[i % len(pool)]
@@ -108,6 +105,7 @@ def stall(
         out.loss.backward()
         clf.step(out, LR)
         cpu.append(time.thread_time() - c0)
+        stolen.append(steal_seconds() - s0)
         return time.perf_counter() - t0
 
     if prebuilt is not None and mode == "thread":
@@ -119,12 +117,10 @@ def stall(
         m.start(0)
     if gc_freeze:  # as train.py's callbacks.gc_freeze does at train start
         freeze_live_objects()
-    for i in range(3):
-        step(i, i + 1)
-    base = [step(i, i + 4) for i in range(baseline_steps)]
+    base = [step(i, i + 1) for i in range(3 + baseline_steps)][3:]
     during: list[float] = []
-    hooks.clear()
-    cpu.clear()
+    for kept in (hooks, cpu, stolen):
+        kept.clear()
     done_before = m.builds + m.refreshes
     t_start = time.perf_counter()
     i = 0
@@ -162,6 +158,13 @@ def stall(
         "longest_at": int(np.argmax(during)),  # 0: the trigger step, steps_during - 1: swap
         "max_hook_s": float(np.max(hooks[: len(during)])),
         "longest_cpu_s": cpu[int(np.argmax(during))],  # ~ longest: computing, not waiting
+        "longest_steal_s": stolen[int(np.argmax(during))],  # the VM's vCPUs taken meanwhile
+        "steal_during_s": float(np.sum(stolen[: len(during)])),
+        # each step less the steal over it (at most its own off-CPU time): the VM's share out
+        "max_less_steal_s": max(
+            w - min(s, w - c)
+            for w, c, s in zip(during, cpu[: len(during)], stolen[: len(during)], strict=True)
+        ),  # fmt: skip
         "first_step_s": during[0],
         "swap_step_s": during[-1],
         "median_after_s": float(np.median(after)),
@@ -169,6 +172,7 @@ def stall(
         "gc_freeze": gc_freeze,
     }
     res["max_over_median"] = res["max_during_s"] / base_med
+    res["less_steal_over_median"] = res["max_less_steal_s"] / base_med
     if quiet:  # the same number of steps, no build: the machine's own outliers
         res["control_max_s"] = float(np.max(quiet))
         res["control_median_s"] = float(np.median(quiet))
@@ -206,59 +210,6 @@ def run(
         del w
         free_memory()
     return {"rows": rows, "meta": clock.meta(dim=dim, build_threads=list(build_threads))}
-
-
-def summary(rows: list[dict[str, Any]]) -> str:
-    """One line per N, index, mode and build threads over repeated runs: medians and ranges."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
-        key = (r["N"], r["index"], r.get("query", "feature"), r["mode"], r["build_threads"])
-        groups.setdefault(key, []).append(r)
-    out = []
-    for (n, index, query, mode, threads), rs in groups.items():
-        ratio = [r["max_over_median"] for r in rs]
-        out.append({
-            "N": n, "index": index, "query": query, "mode": mode, "threads": threads,
-            "runs": len(rs),
-            "ratio": f"{np.median(ratio):.2f} ({min(ratio):.2f}–{max(ratio):.2f})",
-            "build_s": float(np.median([r["build_s"] for r in rs])),
-            "during": float(np.median([r["median_during_s"] for r in rs])),
-            "control": float(np.median([r.get("control_max_over_median", np.nan) for r in rs])),
-        })  # fmt: skip
-    return markdown_table(out, [
-        ("N", "N", fmt_count), ("index", "index", None), ("query", "selection", None),
-        ("mode", "build in", None), ("threads", "build threads", None), ("runs", "runs", None),
-        ("ratio", "longest / median: median (range)", None),
-        ("build_s", "build time", fmt_seconds), ("during", "median step (during)", fmt_seconds),
-        ("control", "no build: longest / median", lambda x: f"{x:.2f}"),
-    ])  # fmt: skip
-
-
-COLUMNS = [
-    ("N", "N", fmt_count),
-    ("index", "index", None),
-    ("query", "selection", None),
-    ("mode", "build in", None),
-    ("kind", "rebuild", None),
-    ("build_s", "build time", fmt_seconds),
-    ("steps_during", "steps during build", None),
-    ("base_step_s", "median step (no build)", fmt_seconds),
-    ("median_during_s", "median step (during)", fmt_seconds),
-    ("first_step_s", "trigger step", fmt_seconds),
-    ("max_during_s", "longest step (during)", fmt_seconds),
-    ("max_over_median", "longest / median", lambda x: f"{x:.1f}"),
-]
-
-
-def render(data: dict[str, Any]) -> str:
-    meta = data["meta"]
-    return "\n".join([
-        f"B = 256, M = 1000, D = {meta['dim']}, torch threads {meta['torch_threads']}, build "
-        f"threads {meta.get('build_threads')}; the real `IndexMaintainer` rebuilds while the "
-        "main thread keeps taking real steps (target: longest step <= 2x the median step).",
-        "",
-        markdown_table(data["rows"], COLUMNS),
-    ])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -24,7 +24,14 @@ from bench.memory import (
 )
 from bench.output import pyplot, save_figure, write_json
 from bench.paths import CONF_SAMPLER, DOCS, OUT_DIR, REPO
-from bench.run_meta import RunClock, loadavg, machine_info, setup_logging, setup_run
+from bench.run_meta import (
+    RunClock,
+    loadavg,
+    machine_info,
+    setup_logging,
+    setup_run,
+    steal_seconds,
+)
 from bench.synthetic import family_rows, features_near
 
 __all__ = [
@@ -43,6 +50,7 @@ __all__ = [
     "fmt_seconds",
     "free_memory",
     "loadavg",
+    "steal_seconds",
     "machine_info",
     "markdown_table",
     "mem_available",

@@ -27,7 +27,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-from bench.build_stall import COLUMNS as STALL_COLUMNS  # noqa: E402
 from bench.build_stall import stall  # noqa: E402
 from bench.common import (  # noqa: E402
     RunClock,
@@ -43,6 +42,7 @@ from bench.common import (  # noqa: E402
     setup_run,
     write_json,
 )
+from bench.stall_report import COLUMNS as STALL_COLUMNS  # noqa: E402
 from hf_softmax.samplers import build_sampler, exact_topk, recall_at_k  # noqa: E402
 
 log = logging.getLogger("bench.index_cost")

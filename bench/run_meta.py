@@ -63,6 +63,17 @@ def loadavg() -> tuple[float, float, float] | None:
     return os.getloadavg() if hasattr(os, "getloadavg") else None
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor took from this VM so far, all CPUs summed (/proc/stat's
+    ``steal``; 0.0 where there is none): a step that waited without being descheduled in the
+    guest lost it there."""
+    try:
+        with open("/proc/stat") as fh:
+            return int(fh.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def setup_run(threads: int | None = None) -> None:
     """Start of a bench CLI: logging, and ``torch.set_num_threads(threads)`` when given."""
     setup_logging()

@@ -30,11 +30,11 @@ from __future__ import annotations
 from typing import Any
 
 from bench import auto_race, effort_retune
-from bench.build_stall import summary as stall_summary
 from bench.formatting import markdown_table
 from bench.output import read_json
 from bench.paths import OUT_DIR
 from bench.selection_plot import selection_plot
+from bench.stall_report import summary as stall_summary
 
 GIB = 2**30
 # repeated build_stall runs shown as a summary: (result name, what they compare)
@@ -43,6 +43,7 @@ STALL_REPEATS = (
     ("build_stall_1e6_repeat", "The target's setting at 10^6, repeated"),
     ("build_stall_table_trees", "Label mode's table alone (`table_trees`) against annoy's"),
     ("build_stall_kept_block", "The table alone, the worker keeping the shared block mapped"),
+    ("build_stall_steal", "Feature mode and the table alone, the VM's steal recorded"),
 )
 # the same comparison with W's rows shuffled (as a trained model's) and in family order
 ROW_ORDER_RESULTS = ("label_speed_rows_shuffled", "label_speed_rows_family")

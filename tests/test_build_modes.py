@@ -69,19 +69,22 @@ def test_stall_times_a_label_build_of_the_table_alone():
     projection trees and no index; the row says which selection it timed."""
     import numpy as np
 
-    from bench.build_stall import stall, summary
+    from bench.build_stall import stall
+    from bench.stall_report import summary
 
     w = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32) * 0.05
     res = stall("annoy", w, "process", 1, batch=16, num=50, baseline_steps=3, query="label",
                 table_trees=2, n_jobs=1)  # fmt: skip
     assert res["query"] == "label, table_trees 2" and res["kind"] == "build"
     assert res["mode"] == "process" and res["steps_during"] >= 1
+    assert 0 <= res["longest_steal_s"] <= res["steal_during_s"]  # the VM's share, recorded
+    assert 0 < res["max_less_steal_s"] <= res["max_during_s"]
     assert "| label, table_trees 2 | process |" in summary([{**res, "repeat": 0}])
 
 
 def test_stall_summary_gives_each_setting_its_median_and_range():
     """``bench.build_stall --repeat``: one line per N and build threads over the runs."""
-    from bench.build_stall import summary
+    from bench.stall_report import summary
 
     base = {"N": 100_000, "index": "annoy", "mode": "process", "build_s": 6.0,
             "median_during_s": 0.04, "control_max_over_median": 1.4}  # fmt: skip
