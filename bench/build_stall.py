@@ -97,7 +97,8 @@ def stall(
 
     def step(i: int, at: int) -> float:
         """One training step at global step ``at``, with the maintainer's step-start hook."""
-        t0, c0, s0 = time.perf_counter(), time.thread_time(), steal_seconds()
+        s0 = steal_seconds()  # read outside the timed span (a /proc read per step)
+        t0, c0 = time.perf_counter(), time.thread_time()
         m.on_step_start(at)
         hooks.append(time.perf_counter() - t0)
         f, y = pool[i % len(pool)]
@@ -105,8 +106,9 @@ def stall(
         out.loss.backward()
         clf.step(out, LR)
         cpu.append(time.thread_time() - c0)
+        wall = time.perf_counter() - t0
         stolen.append(steal_seconds() - s0)
-        return time.perf_counter() - t0
+        return wall
 
     if prebuilt is not None and mode == "thread":
         sampler.swap(prebuilt)
