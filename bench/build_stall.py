@@ -142,6 +142,7 @@ def stall(
     m.close()
     gc.unfreeze()
     base_med = float(np.median(base))
+    at = int(np.argmax(during))  # 0: the trigger step, steps_during - 1: the swap
     res = {
         "index": name,
         "query": knobs.get("query", "feature")
@@ -157,10 +158,10 @@ def stall(
         "base_step_s": base_med,
         "median_during_s": float(np.median(during)),
         "max_during_s": float(np.max(during)),
-        "longest_at": int(np.argmax(during)),  # 0: the trigger step, steps_during - 1: swap
+        "longest_at": at,
         "max_hook_s": float(np.max(hooks[: len(during)])),
-        "longest_cpu_s": cpu[int(np.argmax(during))],  # ~ longest: computing, not waiting
-        "longest_steal_s": stolen[int(np.argmax(during))],  # the VM's vCPUs taken meanwhile
+        "longest_cpu_s": cpu[at],  # ~ longest: computing, not waiting
+        "longest_steal_s": stolen[at],  # the VM's vCPUs taken meanwhile
         "steal_during_s": float(np.sum(stolen[: len(during)])),
         # each step less the steal over it (at most its own off-CPU time): the VM's share out
         "max_less_steal_s": max(

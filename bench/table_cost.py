@@ -28,7 +28,7 @@ from bench.output import read_json
 from hf_softmax.cell_table import cell_table
 from hf_softmax.class_table import drop_self
 from hf_softmax.samplers import build_sampler
-from hf_softmax.samplers.exact import exact_topk
+from hf_softmax.samplers.exact import exact_topk, recall_at_k
 
 RESULT = "table_cost"
 
@@ -37,15 +37,6 @@ def exact_neighbours(rows: np.ndarray, probe: np.ndarray, k: int) -> np.ndarray:
     """(len(probe), k): each probe row's k nearest other rows by inner product (the exact
     sampler's chunked top-k, the row itself dropped as its table build drops it)."""
     return drop_self(exact_topk(rows, rows[probe], k + 1), probe)
-
-
-def recall(table: np.ndarray, probe: np.ndarray, exact: np.ndarray) -> float:
-    """The share of each probe row's exact neighbours (``exact``, one row per probe) that
-    its table row holds, averaged."""
-    hits = [
-        len(set(table[p].tolist()) & set(e.tolist())) for p, e in zip(probe, exact, strict=True)
-    ]
-    return float(np.mean(hits)) / exact.shape[1]
 
 
 def run_size(n: int, d: int, k: int, trees: list[int], probes: int) -> list[dict[str, Any]]:
@@ -61,14 +52,14 @@ def run_size(n: int, d: int, k: int, trees: list[int], probes: int) -> list[dict
     table = annoy.build_table(index, rows)
     t2 = time.perf_counter()
     out.append({"N": n, "source": "annoy index (10 trees)", "index_s": t1 - t0,
-                "table_s": t2 - t1, "recall": recall(table, probe, exact)})  # fmt: skip
+                "table_s": t2 - t1, "recall": recall_at_k(table[probe], exact)})  # fmt: skip
     del index, table
     for t in trees:
         t0 = time.perf_counter()
         table = cell_table(rows, k, t)
         seconds = time.perf_counter() - t0
         out.append({"N": n, "source": f"table_trees={t}", "index_s": None, "table_s": seconds,
-                    "recall": recall(table, probe, exact)})  # fmt: skip
+                    "recall": recall_at_k(table[probe], exact)})  # fmt: skip
     return out
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from bench.synthetic import family_rows
-from bench.table_cost import recall
 from hf_softmax.cell_table import cell_table, projection_cells
 from hf_softmax.index_maintainer import IndexMaintainer
+from hf_softmax.samplers.exact import recall_at_k
 from tests.test_index_maintainer import B, D, M, make, train
 
 
@@ -46,8 +46,7 @@ def test_cells_partition_the_rows_into_balanced_cells_of_near_rows():
 def test_more_trees_find_more_of_the_exact_neighbours_and_never_repeat_one():
     rows = family_rows(4000, 24, family_size=10, spread=0.35)
     exact = exact_table(rows, 8, "ip")
-    every = np.arange(4000)
-    found = [recall(cell_table(rows, 8, t, seed=5, cell_rows=128), every, exact) for t in (1, 4)]
+    found = [recall_at_k(cell_table(rows, 8, t, seed=5, cell_rows=128), exact) for t in (1, 4)]
     assert 0.3 < found[0] < found[1] and found[1] > 0.7
     table = cell_table(rows, 8, 4, seed=5, cell_rows=128)
     scores = np.einsum("nd,nkd->nk", rows, rows[table])
