@@ -87,6 +87,7 @@ def write_doc(
             "",
             f"### Extra head-step run: `{data['meta'].get('command', name)}`",
             "",
+            *([data["meta"]["note"], ""] if data["meta"].get("note") else []),
             head_speed_report.render(data, plot_name=f"{name}.png"),
         ]
         text_links = f"]({name}.png)"

@@ -20,6 +20,11 @@ def fmt_seconds(s: float) -> str:
     return f"{s:.0f} s"
 
 
+def fmt_ms(s: float | None) -> str:
+    """Seconds as milliseconds, one decimal (step-time tables)."""
+    return "–" if s is None else f"{1000 * s:.1f}"
+
+
 def fmt_bytes(b: float | None) -> str:
     if b is None:
         return "–"

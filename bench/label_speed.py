@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import statistics
 import time
@@ -47,6 +48,7 @@ from hf_softmax.class_table import TABLE_BATCH
 from hf_softmax.classifier import SampledClassifier
 from hf_softmax.heads import LinearHead
 from hf_softmax.samplers import build_sampler
+from hf_softmax.samplers.exact import exact_topk, recall_at_k
 
 log = logging.getLogger("bench.label_speed")
 
@@ -77,6 +79,25 @@ def sampled_steps(rows: np.ndarray, samplers: dict[str, Any], data: list) -> dic
             clf.step(out, 0.1)
             times[mode].append(time.perf_counter() - t0)
     return {mode: t[2:] for mode, t in times.items()}  # warm-up
+
+
+def query_recall(rows: np.ndarray, samplers: dict[str, Any], data: list, m: int) -> dict:
+    """Recall@k of each per-feature mode's query over ``data``'s features against exact top-k
+    (k: what a step asks for, ``Sampler._neighbours``: the B features share the M - positives
+    slots, one more each)."""
+    weights = torch.from_numpy(rows)
+    found: dict[str, list] = {mode: [] for mode in samplers if mode.startswith("feature_")}
+    truth, ks = [], set()
+    for feats, labels in data:
+        b = feats.shape[0]
+        k = math.ceil((m - int(labels.unique().numel())) / b) + 1
+        ks.add(k)
+        truth.append(exact_topk(weights, feats, k))
+        for mode in found:
+            found[mode].append(samplers[mode].query(feats.numpy(), k))
+    return {"k": sorted(ks), "queries": sum(len(t) for t in truth),
+            "modes": {mode: recall_at_k(np.concatenate(f), np.concatenate(truth))
+                      for mode, f in found.items()}}  # fmt: skip
 
 
 def full_steps(rows: np.ndarray, data: list) -> list[float]:
@@ -132,6 +153,8 @@ def run_size(
     table_rows: int,
     shares: list[float],
     row_order: str = "family",
+    faiss_nprobes: tuple[int, ...] = (),
+    recall_batches: int = 0,
 ) -> dict:
     rows = family_rows(n, d)
     if row_order == "shuffled":  # a model's class ids say nothing of where its rows lie
@@ -163,6 +186,22 @@ def run_size(
             mixed = build_sampler(cfg, n, "ip")
             mixed.swap(sampler.index, sampler.table)  # the same index and table
             samplers[f"mixed{share:g}_{kind}"], costs[f"mixed{share:g}_{kind}"] = mixed, cost
+    if faiss_nprobes:  # per-feature queries of one faiss ivf index at each nprobe
+        for i, nprobe in enumerate(faiss_nprobes):
+            cfg = sampler_config("faiss", m, random_fraction=0.0, index="ivf", nprobe=nprobe,
+                                 threads=2)  # fmt: skip
+            faiss_sampler = build_sampler(cfg, n, "ip")
+            if i == 0:
+                t0 = time.perf_counter()
+                faiss_index = faiss_sampler.build_index(rows)
+                costs_faiss = {"build_s": time.perf_counter() - t0}
+            faiss_sampler.swap(faiss_index)
+            samplers[f"feature_faiss_np{nprobe}"] = faiss_sampler
+            costs[f"feature_faiss_np{nprobe}"] = costs_faiss
+    if recall_batches:
+        res["recall"] = query_recall(rows, samplers, data[:recall_batches], m)
+        for mode, recall in res["recall"]["modes"].items():
+            costs[mode] = {**costs[mode], "recall": recall}
     for mode, times in sampled_steps(rows, samplers, data).items():
         record(mode, times, **costs[mode])
     del samplers
@@ -193,11 +232,17 @@ def main() -> None:
     ap.add_argument("--rows", default="family", choices=["family", "shuffled"],
                     help="W's rows in family order (near rows at near ids) or shuffled, as a "
                     "trained model's are")  # fmt: skip
+    ap.add_argument("--faiss-nprobes", type=int, nargs="*", default=[],
+                    help="per-feature rows of one faiss ivf index at these nprobe")  # fmt: skip
+    ap.add_argument("--recall-batches", type=int, default=0,
+                    help="score each per-feature mode's query on this many batches against "
+                    "exact top-k (recall@k, the k a step asks for)")  # fmt: skip
     ap.add_argument("--name", default="label_speed")
     args = ap.parse_args()
     setup_run(args.threads)
     results = [run_size(n, args.dim, args.batch, args.num, args.steps, args.full_max,
-                        args.exact_max, args.table_rows, args.shares, args.rows)
+                        args.exact_max, args.table_rows, args.shares, args.rows,
+                        tuple(args.faiss_nprobes), args.recall_batches)
                for n in args.sizes]  # fmt: skip
     path = write_json(args.name, {"machine": machine_info(), "args": vars(args),
                                   "results": results})  # fmt: skip

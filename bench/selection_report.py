@@ -6,8 +6,9 @@ reads them):
 - ``python -m bench.label_speed`` -> ``label_speed.json``: the head step with random,
   label-driven (``sampler.query=label``) and per-feature (``query=feature``) selection, and
   the dense baseline, side by side at N = 1e5 / 1e6 (``label_speed_long.json``: 10^6 over
-  300 steps; ``label_speed_rows_{shuffled,family}.json``: W's rows shuffled and in family
-  order, ``--rows``);
+  300 steps; ``label_speed_faiss.json``: with faiss ivf's per-feature queries and each
+  query's recall; ``label_speed_rows_{shuffled,family}.json``: W's rows shuffled and in
+  family order, ``--rows``);
 - ``python -m bench.build_stall`` -> ``build_stall.json``: steps while an index build runs in
   a thread or in the build process (``build_stall_threads.json``: the worker's build threads
   beside torch's, ``--repeat``ed);
@@ -30,7 +31,13 @@ from __future__ import annotations
 from typing import Any
 
 from bench import auto_race, effort_retune
-from bench.formatting import markdown_table
+from bench.formatting import fmt_ms, markdown_table
+from bench.label_speed_report import (
+    FAISS_CAPTION,
+    ROW_ORDER_CAPTION,
+    ROW_ORDER_RESULTS,
+    label_speed_section,
+)
 from bench.output import read_json
 from bench.paths import OUT_DIR
 from bench.selection_plot import selection_plot
@@ -45,93 +52,10 @@ STALL_REPEATS = (
     ("build_stall_kept_block", "The table alone, the worker keeping the shared block mapped"),
     ("build_stall_steal", "Feature mode and the table alone, the VM's steal recorded"),
 )
-# the same comparison with W's rows shuffled (as a trained model's) and in family order
-ROW_ORDER_RESULTS = ("label_speed_rows_shuffled", "label_speed_rows_family")
-ROW_ORDER_CAPTION = (
-    "**W's row order** (`--rows`): the benchmarks' rows come in families of near neighbours "
-    "at neighbouring ids, so a forest leaf's rows lie in runs of ten in memory; a trained "
-    "model's class ids say nothing of where its rows lie (`--rows shuffled`). Two runs back "
-    "to back, shuffled first (the features and labels follow the rows):"
-)
-
-
-def _ms(v: float | None) -> str:
-    return "–" if v is None else f"{1000 * v:.1f}"
 
 
 def _two(v: float) -> str:
     return f"{v:.2f}"
-
-
-def _ratio(v: float | None) -> str:
-    return "–" if v is None else f"{v:.2f}×"
-
-
-def _label_command(args: dict[str, Any]) -> str:
-    """The command line of a ``bench.label_speed`` run, from the arguments it recorded."""
-    words = ["OMP_NUM_THREADS=1 python -m bench.label_speed"]
-    words += ["--sizes", *map(str, args.get("sizes", [100_000, 1_000_000]))]
-    words += ["--steps", str(args.get("steps", 20))]
-    if args.get("exact_max", 0) == 0:
-        words += ["--exact-max", "0"]
-    words += ["--threads", str(args.get("threads") or 1)]
-    words += ["--shares", *(f"{v:g}" for v in args.get("shares", [0.25, 0.5]))]
-    if args.get("full_max", 1_000_000) != 1_000_000:
-        words += ["--full-max", str(args["full_max"])]
-    if args.get("rows", "family") != "family":
-        words += ["--rows", args["rows"]]
-    if args.get("name", "label_speed") != "label_speed":
-        words += ["--name", args["name"]]
-    return " ".join(words)
-
-
-def label_speed_section(data: dict[str, Any]) -> list[str]:
-    """Step time per selection mode, one table per N, with the issue's targets checked."""
-    lines = [
-        f"Command: `{_label_command(data.get('args', {}))}` (D = 256, B = 256, M = 1000, "
-        "CPU, one torch thread; the modes take turns step by step, on the same rows and "
-        "batches; medians over the timed steps, the first two (full: one) left out as warm-up; "
-        "full runs a fifth of the steps; targets at N = 10^6). `build s` is the index "
-        "build, `table s` the class table built from it (label mode: every class's `table_k` "
-        "= 16 nearest rows); `mixed<s>` is label mode with `feature_share` s.",
-    ]
-    cols = [
-        ("mode", "mode", None),
-        ("median_s", "step ms", _ms),
-        ("vs_random", "vs random", _ratio),
-        ("speedup_vs_full", "speed-up vs full", lambda v: "–" if v is None else f"{v:.0f}×"),
-        ("build_s", "build s", lambda v: "–" if v is None else f"{v:.1f}"),
-        ("table_s", "table s", lambda v: "–" if v is None else f"{v:.1f}"),
-    ]
-    for res in data.get("results", []):
-        modes = res["modes"]
-        rows = [{"mode": m, **v} for m, v in modes.items()]
-        load = res.get("load_start")
-        where = f" (load average at start {load[0]:.1f})" if load else ""
-        lines += ["", f"**N = {res['N']:,}**{where}", "", markdown_table(rows, cols)]
-        if res["N"] == 1_000_000:  # the issue's targets are set at N = 10^6
-            lines += ["", *_label_targets(res)]
-    return lines
-
-
-def _label_targets(res: dict[str, Any]) -> list[str]:
-    modes = res["modes"]
-    out = []
-    for mode, entry in modes.items():
-        if mode.startswith("label_"):
-            bound = 1.2
-        elif mode.startswith("feature_"):
-            bound = 2.0
-        else:
-            continue
-        ratio, speedup = entry["vs_random"], entry.get("speedup_vs_full")
-        met = ratio <= bound and (speedup is None or speedup >= 100)
-        full = "" if speedup is None else f", {speedup:.0f}× faster than full (target ≥ 100×)"
-        out.append(
-            f"- {'met' if met else 'MISSED'}: `{mode}` step {ratio:.2f}× random's "
-            f"(target ≤ {bound}×){full}"
-        )
-    return out
 
 
 def accuracy_section(feature: dict[str, Any], label: dict[str, Any]) -> list[str]:
@@ -173,10 +97,10 @@ def stall_section(data: dict[str, Any]) -> list[str]:
         ("kind", "job", None),
         ("mode", "where", None),
         ("build_s", "build s", lambda v: f"{v:.0f}"),
-        ("base_step_s", "step ms (no build)", _ms),
-        ("median_during_s", "median ms (during)", _ms),
-        ("max_during_s", "longest ms", _ms),
-        ("longest_cpu_s", "its CPU ms", _ms),
+        ("base_step_s", "step ms (no build)", fmt_ms),
+        ("median_during_s", "median ms (during)", fmt_ms),
+        ("max_during_s", "longest ms", fmt_ms),
+        ("longest_cpu_s", "its CPU ms", fmt_ms),
         ("max_over_median", "longest / median", lambda v: f"{v:.1f}"),
         ("control_max_over_median", "no build: longest / median", lambda v: f"{v:.1f}"),
         ("machine", "machine", None),
@@ -231,7 +155,7 @@ def scale_section(data: dict[str, Any]) -> list[str]:
             lines += ["", f"{r['index']}: query effort of one batch of {meta.get('batch')} "
                       f"features at k = {r.get('k')} (recall@k against exact top-k on 64):", "",
                       markdown_table(sweep, [("search_k", "search_k", None),
-                                             ("query_s", "query ms", _ms),
+                                             ("query_s", "query ms", fmt_ms),
                                              ("recall", "recall", _two)])]  # fmt: skip
     return lines
 
@@ -252,6 +176,9 @@ def render() -> str | None:
     longer = read_json("label_speed_long")  # the same at 10^6 over 300 steps
     if longer:
         parts += label_speed_section(longer) + [""]
+    with_faiss = read_json("label_speed_faiss")  # faiss ivf's per-feature queries beside
+    if with_faiss:
+        parts += [FAISS_CAPTION, "", *label_speed_section(with_faiss), ""]
     layouts = [d for d in map(read_json, ROW_ORDER_RESULTS) if d]
     if layouts:
         parts += [ROW_ORDER_CAPTION, ""]

@@ -100,7 +100,7 @@ def test_label_speed_times_every_mode_on_shuffled_rows_and_says_how():
     """``bench.label_speed --rows shuffled``: W's rows in a random order (as a trained
     model's), every mode timed on them, the row order recorded and in the rendered command."""
     from bench.label_speed import run_size
-    from bench.selection_report import _label_command
+    from bench.label_speed_report import _label_command
 
     res = run_size(2000, 16, 32, 50, 5, full_max=2000, exact_max=0, table_rows=100,
                    shares=[0.25], row_order="shuffled")  # fmt: skip
@@ -110,6 +110,28 @@ def test_label_speed_times_every_mode_on_shuffled_rows_and_says_how():
     assert res["modes"]["label_annoy"]["table_s"] > 0 and res["modes"]["random"]["steps"] == 3
     command = _label_command({"sizes": [2000], "full_max": 1, "rows": "shuffled"})
     assert command.endswith("--full-max 1 --rows shuffled")
+
+
+def test_label_speed_adds_faiss_rows_with_each_querys_recall():
+    """``bench.label_speed --faiss-nprobes 1 2 --recall-batches 2``: one faiss ivf index
+    queried per feature at each nprobe, every per-feature mode's recall against exact top-k
+    recorded and rendered as a column."""
+    from bench.label_speed import run_size
+    from bench.label_speed_report import label_speed_section
+
+    res = run_size(3000, 16, 32, 50, 4, full_max=0, exact_max=0, table_rows=100, shares=[],
+                   faiss_nprobes=(1, 2), recall_batches=2)  # fmt: skip
+    modes = res["modes"]
+    assert {"feature_faiss_np1", "feature_faiss_np2"} <= set(modes)
+    assert modes["feature_faiss_np1"]["build_s"] == modes["feature_faiss_np2"]["build_s"] > 0
+    assert res["recall"]["queries"] == 64 and res["recall"]["k"] == [2]  # ceil(~18 / 32) + 1
+    for mode in ("feature_annoy", "feature_faiss_np1", "feature_faiss_np2"):
+        assert 0 < modes[mode]["recall"] <= 1
+    assert modes["feature_faiss_np1"]["recall"] <= modes["feature_faiss_np2"]["recall"]
+    assert "recall" not in modes["label_annoy"] and "recall" not in modes["random"]
+    args = {"sizes": [3000], "faiss_nprobes": [1, 2], "recall_batches": 2}
+    text = "\n".join(label_speed_section({"args": args, "results": [res]}))
+    assert "--faiss-nprobes 1 2 --recall-batches 2" in text and "| recall@2 |" in text
 
 
 def test_table_cost_compares_the_index_table_with_the_cell_table():

@@ -287,6 +287,23 @@ def test_faiss_recall_at_10_against_exact(knobs, floor, metric):
     assert sorted(padded[0, :20].tolist()) == list(range(20))
 
 
+def test_faiss_searches_a_steps_batch_in_blas_with_the_same_ids():
+    """faiss-cpu 1.15.1 kept a batch of 256 queries off BLAS (10x slower coarse search at
+    10^6 classes); the sampler lowers the switch, and a batch and its queries one by one
+    (the other path) find the same exact top-k."""
+    from hf_softmax.samplers.faiss import BLAS_THRESHOLD
+
+    rows, _, _ = clustered(n=3000, d=32)
+    sampler = make("faiss", 3000, 100, index="flat")
+    assert sampler.faiss.cvar.distance_compute_blas_threshold <= BLAS_THRESHOLD
+    sampler.swap(sampler.build_index(rows))
+    feats = np.random.default_rng(3).standard_normal((256, 32)).astype(np.float32)
+    batch = sampler.query(feats, 10)
+    assert np.array_equal(np.sort(batch, 1), np.sort(exact_topk(rows, feats, 10), 1))
+    one_by_one = np.concatenate([sampler.query(feats[i : i + 1], 10) for i in range(8)])
+    assert np.array_equal(np.sort(one_by_one, 1), np.sort(batch[:8], 1))
+
+
 def test_faiss_effort_knob_and_errors():
     ivf = make("faiss", 3000, 100, index="ivf", nlist=50, nprobe=8)
     assert ivf.effort_knob == "nprobe" and ivf.effort == 8 and ivf.default_effort(10) == 8
