@@ -82,6 +82,20 @@ def test_the_first_candidate_stays_unless_another_is_strictly_cheaper_at_the_tar
         auto(100, faiss={"nprob": 32})
 
 
+def test_auto_without_a_target_recall_says_it_serves_annoy_unraced(caplog):
+    """Above exact_max_elements with no target_recall, ``auto`` serves its first candidate
+    at the default effort and says so, and how to race; in exact range it says nothing of it."""
+    rows = clustered()
+    caplog.set_level(logging.INFO, logger="hf_softmax")
+    large = auto(600, exact_max_elements=0, ntrees=4)
+    assert large.prepare(rows.shape, lambda: rows) is None and large.kind == "annoy"
+    assert "no race" in caplog.text and "set target_recall" in caplog.text
+    caplog.clear()
+    small = auto(600, exact_max_elements=10**9, ntrees=4)
+    assert small.prepare(rows.shape, lambda: rows) is None and small.kind == "exact"
+    assert "sampler 'auto': exact" in caplog.text and "no race" not in caplog.text
+
+
 @pytest.mark.parametrize("limit", [0, 10**9], ids=["annoy", "exact"])
 def test_auto_chooses_before_a_build_worker_starts(limit):
     """Regression: with background=process the worker got ``auto`` itself and the trainer's

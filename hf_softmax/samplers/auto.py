@@ -33,6 +33,15 @@ CANDIDATES = ("annoy", "faiss")
 log = logging.getLogger(__name__)
 
 
+# at large N without a target recall, the first candidate serves at its default effort: say
+# what that means and how to race (annoy at 10^6 x 256 finds ~5% of a feature's exact top-4)
+_NO_TARGET = (
+    "; no callbacks.index_rebuild.target_recall, so no race: it serves at its default "
+    "query effort, whatever recall that gives; set target_recall to race the "
+    "candidates for it"
+)
+
+
 class AutoSampler(Sampler):
     name = "auto"
     dense = False
@@ -111,7 +120,8 @@ class AutoSampler(Sampler):
         if self.backend is not None:
             return None
         if target_recall is None or len(self.candidates) < 2 or n * d <= self.exact_max_elements:
-            self.choose(n, d)
+            raceable = len(self.candidates) > 1 and n * d > self.exact_max_elements
+            self.choose(n, d, why=_NO_TARGET if raceable else "")
             return None
         found = []
         for name in self.candidates:
