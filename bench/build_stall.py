@@ -34,6 +34,7 @@ from bench.common import (  # noqa: E402
     family_rows,
     features_near,
     free_memory,
+    resident_mib,
     sampler_config,
     setup_run,
     steal_seconds,
@@ -66,6 +67,7 @@ def stall(
     seed: int = 0,
     gc_freeze: bool = True,
     control: bool = False,
+    worker_memory: str = "keep",
     **knobs: Any,
 ) -> dict[str, Any]:
     """Steps while the maintainer rebuilds ``name``'s index over ``w`` (N, D) in ``mode``.
@@ -76,14 +78,16 @@ def stall(
     keeps it for its refreshes). gc_freeze: freeze the objects alive before the timed steps
     out of Python's full GC passes, as ``callbacks.gc_freeze`` does in training. control:
     after the build, as many steps again with no build running: the machine's own longest
-    step in that many (``control_max_s``).
+    step in that many (``control_max_s``). worker_memory: the build worker's ``keep`` |
+    ``release`` (``callbacks.index_rebuild.worker_memory``); its resident memory after the
+    timed build goes in ``worker_rss_mib``.
     """
     n, d = w.shape
     head = build_head("linear")
     sampler = build_sampler(sampler_config(name, num, **knobs), n, head.metric, seed)
     clf = SampledClassifier(n, d, head, sampler, seed=seed, weight=torch.from_numpy(w.copy()))
     m = IndexMaintainer(clf, interval=FAR, background=mode, probe_every=0, refresh=refresh,
-                        build_threads=build_threads)  # fmt: skip
+                        build_threads=build_threads, worker_memory=worker_memory)  # fmt: skip
     rng = np.random.default_rng(seed + 3)
     pool = []
     for _ in range(8):
@@ -139,6 +143,8 @@ def stall(
     after = [step(i + j, 2 * FAR + i + j) for j in range(10)]
     quiet = [step(j, 2 * FAR + i + 10 + j) for j in range(len(during) if control else 0)]
     rec = m.records()[-1]
+    process = m.mode() == "process"
+    rss = resident_mib(m.worker.pid) if process else None  # freed its index after replying
     m.close()
     gc.unfreeze()
     base_med = float(np.median(base))
@@ -173,6 +179,8 @@ def stall(
         "median_after_s": float(np.median(after)),
         "stall_s": float(np.max(during)) - base_med,
         "gc_freeze": gc_freeze,
+        "worker_memory": worker_memory if process else None,
+        "worker_rss_mib": rss,
     }
     res["max_over_median"] = res["max_during_s"] / base_med
     res["less_steal_over_median"] = res["max_less_steal_s"] / base_med
@@ -190,6 +198,7 @@ def run(
     indexes: tuple[str, ...] = ("annoy", "hnsw"), build_threads: tuple[int | None, ...] = (1,),
     queries: tuple[str, ...] = ("feature",), gc_freeze: bool = True, control: bool = False,
     repeat: int = 1, table_trees: tuple[int, ...] = (0,),
+    worker_memory: tuple[str, ...] = ("keep",),
 ) -> dict[str, Any]:  # fmt: skip
     """Every build_threads value (None: the worker's default rule) side by side, in turn,
     ``repeat`` times over (each row notes its ``repeat``); label queries once per
@@ -204,10 +213,13 @@ def run(
                     knobs = {"n_jobs": bt or -1} if name == "annoy" else {"num_threads": 1}
                     settings = [(q, t) for q in queries
                                 for t in (table_trees if q == "label" else (0,))]  # fmt: skip
-                    for (query, trees), mode in itertools.product(settings, modes):
+                    for (query, trees), mode, memory in itertools.product(
+                        settings, modes, worker_memory
+                    ):
                         rows.append({**stall(name, w, mode, bt, refresh=name == "hnsw",
                                              query=query, gc_freeze=gc_freeze, control=control,
-                                             **knobs, **({"table_trees": trees} if trees else {})),
+                                             worker_memory=memory, **knobs,
+                                             **({"table_trees": trees} if trees else {})),
                                      "repeat": rep})  # fmt: skip
                         free_memory()
         del w
@@ -236,16 +248,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="no gc freeze (train.py's callbacks.gc_freeze)")  # fmt: skip
     p.add_argument("--control", action="store_true",
                    help="then as many steps with no build (the machine's own)")  # fmt: skip
+    p.add_argument("--worker-memory", nargs="+", default=["keep"], choices=["keep", "release"],
+                   help="process: the worker's memory between builds, several side by side "
+                        "(callbacks.index_rebuild.worker_memory)")  # fmt: skip
     p.add_argument("--out", default="build_stall")
     args = p.parse_args(argv)
     setup_run(args.threads)
     threads = tuple(t or None for t in args.build_threads)
     data = run(args.n, args.d, tuple(args.modes), tuple(args.indexes), threads,
                tuple(args.queries), args.gc_freeze, args.control, args.repeat,
-               tuple(args.table_trees))  # fmt: skip
+               tuple(args.table_trees), tuple(args.worker_memory))  # fmt: skip
     write_json(args.out, data)
     print(render(data))
-    if args.repeat > 1 or len(threads) > 1:
+    if args.repeat > 1 or len(threads) > 1 or len(args.worker_memory) > 1:
         print("\n" + summary(data["rows"]))
     return data
 

@@ -74,6 +74,15 @@ def steal_seconds() -> float:
         return 0.0
 
 
+def resident_mib(pid: int) -> float:
+    """Resident memory of process ``pid`` in MiB (/proc/<pid>/status's ``VmRSS``)."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/{pid}/status has no VmRSS line")
+
+
 def setup_run(threads: int | None = None) -> None:
     """Start of a bench CLI: logging, and ``torch.set_num_threads(threads)`` when given."""
     setup_logging()

@@ -51,6 +51,7 @@ STALL_REPEATS = (
     ("build_stall_table_trees", "Label mode's table alone (`table_trees`) against annoy's"),
     ("build_stall_kept_block", "The table alone, the worker keeping the shared block mapped"),
     ("build_stall_steal", "Feature mode and the table alone, the VM's steal recorded"),
+    ("build_stall_worker_memory", "The worker keeping its memory between builds, or not"),
 )
 
 

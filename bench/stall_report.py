@@ -7,20 +7,27 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import fmt_count, fmt_seconds, markdown_table
+from bench.common import fmt_bytes, fmt_count, fmt_seconds, markdown_table
+
+
+def _two_or_dash(x: float) -> str:
+    return "–" if x != x else f"{x:.2f}"  # NaN: not measured in these runs
 
 
 def summary(rows: list[dict[str, Any]]) -> str:
     """One line per N, index, mode and build threads over repeated runs: medians and ranges."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        key = (r["N"], r["index"], r.get("query", "feature"), r["mode"], r["build_threads"])
+        mode = r["mode"] + (f", memory: {r['worker_memory']}" if r.get("worker_memory") else "")
+        key = (r["N"], r["index"], r.get("query", "feature"), mode, r["build_threads"])
         groups.setdefault(key, []).append(r)
     out = []
     for (n, index, query, mode, threads), rs in groups.items():
         ratio = [r["max_over_median"] for r in rs]
+        rss = [r["worker_rss_mib"] for r in rs if r.get("worker_rss_mib") is not None]
         out.append({
             "N": n, "index": index, "query": query, "mode": mode, "threads": threads,
+            "rss": float(np.median(rss)) * 2**20 if rss else None,
             "runs": len(rs),
             "ratio": f"{np.median(ratio):.2f} ({min(ratio):.2f}–{max(ratio):.2f})",
             "build_s": float(np.median([r["build_s"] for r in rs])),
@@ -33,9 +40,10 @@ def summary(rows: list[dict[str, Any]]) -> str:
         ("mode", "build in", None), ("threads", "build threads", None), ("runs", "runs", None),
         ("ratio", "longest / median: median (range)", None),
         ("build_s", "build time", fmt_seconds), ("during", "median step (during)", fmt_seconds),
-        ("control", "no build: longest / median", lambda x: f"{x:.2f}"),
-        ("less_steal", "during, less the VM's steal", lambda x: "–" if x != x else f"{x:.2f}"),
-    ])  # fmt: skip
+        ("control", "no build: longest / median", _two_or_dash),
+        ("less_steal", "during, less the VM's steal", _two_or_dash),
+    ] + ([("rss", "worker resident after", fmt_bytes)]
+         if any(o["rss"] is not None for o in out) else []))  # fmt: skip
 
 
 COLUMNS = [

@@ -22,17 +22,9 @@ import omegaconf  # noqa: F401
 import pytorch_lightning  # noqa: F401
 import wandb  # noqa: F401
 
-from bench.common import RunClock, write_json
+from bench.common import RunClock, resident_mib, write_json
 from hf_softmax.build_worker import BuildWorker
 from hf_softmax.samplers.annoy import AnnoySampler
-
-
-def resident_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/{pid}/status has no VmRSS line")
 
 
 def run(repeats: int = 3, n: int = 1000, dim: int = 64) -> dict[str, Any]:

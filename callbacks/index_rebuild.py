@@ -37,11 +37,12 @@ class IndexRebuild(pl.Callback):
         refresh: bool = True,
         exact_chunk_size: int = 65536,
         build_threads: int | None = None,
+        worker_memory: str = "keep",
     ) -> None:
         super().__init__()
         self.settings = RebuildSettings(
             interval, background, probe_every, probe_k, min_recall, adaptive, target_recall,
-            refresh, exact_chunk_size, build_threads,
+            refresh, exact_chunk_size, build_threads, worker_memory,
         )  # fmt: skip
         self.maintainer: IndexMaintainer | None = None
         self._loaded: dict[str, Any] = {}  # checkpoint state read before the maintainer exists

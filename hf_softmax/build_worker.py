@@ -23,7 +23,9 @@ release the GIL):
    label mode (``sampler.query=label``) the worker hands back only the class-neighbour
    table of the fresh index (``<index file>.table.npy``, mmapped by the trainer; with a
    ``feature_share`` the index too; ``WorkerIndex`` stands for it otherwise). The worker
-   frees its index once the reply is sent (hnsw keeps its graph for the next refresh).
+   frees its index once the reply is sent (hnsw keeps its graph for the next refresh); with
+   ``worker_memory: keep`` its allocator keeps that memory for the next build
+   (``worker_process.memory_env``: no fresh pages per rebuild).
 
 The query effort that ``target_recall`` tunes in the trainer goes with every request.
 Split the cores: ``torch_threads`` for the trainer, ``build_threads`` for the worker (also
@@ -157,7 +159,7 @@ def _serve(conn: Any, sampler: Any, refreshing: bool, written: list[Path],
                     np.save(fh, table, allow_pickle=False)
             info["table"] = table is not None
             conn.send(("ok", done, time.perf_counter() - t0, saved, info))
-            index = table = None  # freed now, not at the next request (1.2 GB idle at 10^6)
+            index = table = None  # freed now (memory keep: for the next build; release: back)
         except BaseException:  # noqa: BLE001 - reported to the trainer
             conn.send(("error", traceback.format_exc()))
 
@@ -183,9 +185,11 @@ def _stop(proc: Any, conn: Any, tmpdir: str, blocks: list[SharedMemory]) -> None
 class BuildWorker:
     """One build worker process for one sampler; ``run`` is called from a trainer thread."""
 
-    def __init__(self, sampler: Any, build_threads: int | None = None) -> None:
+    def __init__(self, sampler: Any, build_threads: int | None = None,
+                 memory: str = "keep") -> None:  # fmt: skip
         self.sampler = sampler
         self.build_threads = build_threads
+        self.memory = memory  # "keep" | "release" (``worker_process.memory_env``)
         self.spec = sampler_spec(sampler, build_threads)
         self.tmpdir = tempfile.mkdtemp(prefix="hf_softmax-index-")
         self._proc: Any = None
@@ -211,13 +215,13 @@ class BuildWorker:
             return
         if self._conn is not None:
             self._conn.close()
-        self._proc = WorkerProcess(self.tmpdir, self.spec, self.build_threads)
+        self._proc = WorkerProcess(self.tmpdir, self.spec, self.build_threads, self.memory)
         self._conn = self._proc.conn
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, _stop, self._proc, self._conn, self.tmpdir,
                                            self._blocks)  # fmt: skip
-        log.info("index build worker started (pid %d, build threads %s)", self._proc.pid,
-                 self.build_threads)  # fmt: skip
+        log.info("index build worker started (pid %d, build threads %s, memory: %s)",
+                 self._proc.pid, self.build_threads, self.memory)  # fmt: skip
 
     def _block(self, nbytes: int) -> SharedMemory:
         """The shared block of ``nbytes``, made on first use and kept (remade when N changes)."""

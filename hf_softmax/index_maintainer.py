@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hf_softmax.build_worker import BuildWorker
 from hf_softmax.index_build import (
     BuildJob,
     auto_background,
@@ -260,9 +261,8 @@ class IndexMaintainer:
 
     def _process_worker(self) -> Any:
         if self._worker is None:
-            from hf_softmax.build_worker import BuildWorker
-
-            self._worker = BuildWorker(self.sampler, worker_threads(self.settings.build_threads))
+            self._worker = BuildWorker(self.sampler, worker_threads(self.settings.build_threads),
+                                       self.settings.worker_memory)  # fmt: skip
         return self._worker
 
     def _collect(self, step: int, wait: bool) -> dict[str, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BACKGROUND_MODES = ("auto", "thread", "process")
+WORKER_MEMORY = ("keep", "release")
 _KEY = "callbacks.index_rebuild"
 
 
@@ -39,7 +40,9 @@ class RebuildSettings:
     incremental refresh of samplers that have one (hnsw). build_threads: threads of a
     background build (None: in a worker process, the cores torch's threads leave free, at
     least one (``index_build.worker_threads``); in a thread, the sampler's own knob, e.g.
-    annoy ``n_jobs``).
+    annoy ``n_jobs``). worker_memory: ``keep`` (the build worker's allocator keeps the
+    memory a build freed for the next one, ``worker_process.memory_env``) or ``release``
+    (back to the system after each build).
     """
 
     interval: int = 20
@@ -52,6 +55,7 @@ class RebuildSettings:
     refresh: bool = True
     exact_chunk_size: int = 65536
     build_threads: int | None = None
+    worker_memory: str = "keep"
 
     def __post_init__(self) -> None:
         if int(self.interval) < 1:
@@ -80,6 +84,9 @@ class RebuildSettings:
             self.background = bool(self.background)
         if self.build_threads is not None and int(self.build_threads) < 1:
             raise ValueError(f"{_KEY}.build_threads must be >= 1 or null, got {self.build_threads}")
+        if self.worker_memory not in WORKER_MEMORY:
+            raise ValueError(f"{_KEY}.worker_memory must be one of {WORKER_MEMORY}, got "
+                             f"{self.worker_memory!r}")  # fmt: skip
         self.interval = int(self.interval)
         self.probe_every = int(self.probe_every)
         self.probe_k = None if self.probe_k is None else int(self.probe_k)

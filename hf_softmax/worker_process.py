@@ -15,7 +15,7 @@ the sampler's class unpickles wherever the parent could import it) and the spec 
 constructor arguments, threads). From then on the connection carries
 ``build_worker.serve``'s requests and replies. A child whose parent is gone (killed before
 it connected, or during a build) exits within a second; it ignores Ctrl-C (its trainer
-stops it).
+stops it). Its environment (``memory_env``) keeps what one build frees for the next.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import Any
@@ -33,18 +34,20 @@ from typing import Any
 START_TIMEOUT_S = 300.0  # to the child's socket (a loaded machine imports torch slowly)
 _WATCH_S = 1.0  # how often the child checks that its parent lives
 _MAX_SOCKET_PATH = 100  # bytes (sun_path holds 108 on Linux, 104 on macOS)
+_NEVER_TRIM = 1 << 40  # bytes: a heap top glibc never reaches, so it never trims
 
 
 class WorkerProcess:
     """A started worker child and the connection to it; the ``multiprocessing.Process``
     calls ``BuildWorker`` uses (``pid``, ``exitcode``, ``is_alive``, ``join``, ``kill``)."""
 
-    def __init__(self, folder: str, spec: tuple[type, dict[str, Any]], threads: int | None):
+    def __init__(self, folder: str, spec: tuple[type, dict[str, Any]], threads: int | None,
+                 memory: str = "keep") -> None:  # fmt: skip
         address = socket_address(folder)
         key = os.urandom(32)
         arg = address.replace("\0", "@", 1)  # argv cannot hold the NUL byte
         cmd = [sys.executable, "-m", "hf_softmax.worker_process", arg, str(os.getpid())]
-        self._popen = subprocess.Popen(cmd, stdin=subprocess.PIPE)
+        self._popen = subprocess.Popen(cmd, stdin=subprocess.PIPE, env=memory_env(memory))
         try:
             self._popen.stdin.write(key.hex().encode() + b"\n")
             self._popen.stdin.close()
@@ -101,6 +104,23 @@ def socket_address(folder: str) -> str:
     if len(path.encode()) > _MAX_SOCKET_PATH and sys.platform.startswith("linux"):
         return "\0hf_softmax-" + name
     return path
+
+
+def memory_env(memory: str, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The worker's environment: ``environ``, and with ``memory="keep"`` glibc's allocator
+    told to keep what a build frees for the next build: no allocation by ``mmap`` (each
+    would be unmapped when freed) and no trimming of the heap (variables the user set win).
+    A rebuild then reuses pages the first build faulted in. Fresh pages are what a VM's host
+    backs on first touch, taking both vCPUs meanwhile: on this 2-vCPU VM, a 2 GiB
+    allocation right after another was freed took 40-70 ms of steal per training step for
+    ~0.3 s and stretched those steps 2-3x, where rewriting a kept 2 GiB buffer took none
+    (docs/bench/selection_notes.md). The worker's resident memory stays at its largest build
+    between builds. ``release``: the default allocator (memory back after each build)."""
+    env = dict(environ)
+    if memory == "keep":
+        env.setdefault("MALLOC_MMAP_MAX_", "0")
+        env.setdefault("MALLOC_TRIM_THRESHOLD_", str(_NEVER_TRIM))
+    return env
 
 
 def _exit_with(parent: int) -> None:

@@ -79,7 +79,10 @@ def test_stall_times_a_label_build_of_the_table_alone():
     assert res["mode"] == "process" and res["steps_during"] >= 1
     assert 0 <= res["longest_steal_s"] <= res["steal_during_s"]  # the VM's share, recorded
     assert 0 < res["max_less_steal_s"] <= res["max_during_s"]
-    assert "| label, table_trees 2 | process |" in summary([{**res, "repeat": 0}])
+    assert res["worker_memory"] == "keep" and res["worker_rss_mib"] > 0  # the default, resident
+    table = summary([{**res, "repeat": 0}])
+    assert "| label, table_trees 2 | process, memory: keep |" in table
+    assert table.splitlines()[0].endswith("| worker resident after |")
 
 
 def test_stall_summary_gives_each_setting_its_median_and_range():

@@ -280,6 +280,9 @@ def test_config_errors():
         IndexRebuild(interval=0)
     with pytest.raises(ValueError, match="min_recall"):
         IndexRebuild(adaptive=True, probe_every=5, min_recall=None)
+    with pytest.raises(ValueError, match=r"worker_memory must be one of \('keep', 'release'\)"):
+        IndexRebuild(worker_memory="free")
+    assert IndexRebuild().settings.worker_memory == "keep"
 
 
 @pytest.mark.parametrize("name", ["auto", "annoy", "full", "ddp"])

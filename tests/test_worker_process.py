@@ -212,3 +212,52 @@ def test_a_worker_starts_where_its_folder_path_is_too_long_for_a_socket_file(tmp
         assert proc.exitcode == 0
     finally:
         proc.kill()
+
+
+def test_memory_env_keeps_freed_memory_unless_the_user_says_otherwise():
+    from hf_softmax.worker_process import memory_env
+
+    keep = memory_env("keep", {"PATH": "/bin"})
+    assert keep["PATH"] == "/bin" and keep["MALLOC_MMAP_MAX_"] == "0"
+    assert int(keep["MALLOC_TRIM_THRESHOLD_"]) >= 2**40
+    assert memory_env("keep", {"MALLOC_MMAP_MAX_": "8"})["MALLOC_MMAP_MAX_"] == "8"
+    assert memory_env("release", {"PATH": "/bin"}) == {"PATH": "/bin"}
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"/proc/{pid}/status has no {field}")
+
+
+@pytest.mark.parametrize("memory", ["keep", "release"])
+def test_a_keeping_worker_holds_its_build_memory_for_the_next_build(memory):
+    """``worker_memory: keep``: the worker runs with glibc told to keep freed memory, so the
+    ~70 MB of annoy nodes it frees after a build stay resident for the next build, which
+    reuses them (no growth); ``release``: they go back to the system after each build."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/<pid>/status and environ")
+    from hf_softmax.build_worker import BuildWorker
+
+    n = 200_000
+    rows = np.random.default_rng(4).standard_normal((n, 64)).astype(np.float32)
+    worker = BuildWorker(AnnoySampler(n, 40, ntrees=2, n_jobs=1), 1, memory)
+    resident = []
+    try:
+        for _ in range(2):
+            index, _, _ = worker.build("build", rows, np.empty(0, np.int64))
+            assert index.get_n_items() == n
+            del index
+            time.sleep(0.5)  # the worker replies first, then frees its index
+            env = Path(f"/proc/{worker.pid}/environ").read_bytes().split(b"\0")
+            assert (b"MALLOC_MMAP_MAX_=0" in env) == (memory == "keep")
+            resident.append(_status_kib(worker.pid, "VmRSS"))
+            below_peak = _status_kib(worker.pid, "VmHWM") - resident[-1]
+            if memory == "keep":
+                assert below_peak < 16 * 1024  # KiB: the nodes stayed
+            else:
+                assert below_peak > 32 * 1024  # given back
+        assert resident[1] < resident[0] + 8 * 1024  # the second build reused the first's
+    finally:
+        worker.close()
