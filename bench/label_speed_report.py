@@ -21,11 +21,14 @@ ROW_ORDER_CAPTION = (
     "to back, shuffled first (the features and labels follow the rows):"
 )
 
+# faiss ivf's per-feature queries beside annoy's: a run and its repeat (full not timed)
+FAISS_RESULTS = ("label_speed_faiss", "label_speed_faiss_repeat")
 FAISS_CAPTION = (
     "**Per-feature queries of faiss ivf beside annoy's**, with each query's recall (since "
     "the sampler lowers faiss's BLAS switch, `BLAS_THRESHOLD` in hf_softmax/samplers/faiss.py: "
     "faiss-cpu 1.15.1 searched a batch of 256 against the coarse centroids in its own loop, "
-    "10× slower than in BLAS):"
+    "10× slower than in BLAS). Two runs, the second on a faster day (random's step 7.7 ms "
+    "against 10.2 ms) without the dense baseline:"
 )
 
 

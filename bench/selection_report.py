@@ -34,6 +34,7 @@ from bench import auto_race, effort_retune
 from bench.formatting import fmt_ms, markdown_table
 from bench.label_speed_report import (
     FAISS_CAPTION,
+    FAISS_RESULTS,
     ROW_ORDER_CAPTION,
     ROW_ORDER_RESULTS,
     label_speed_section,
@@ -178,9 +179,11 @@ def render() -> str | None:
     longer = read_json("label_speed_long")  # the same at 10^6 over 300 steps
     if longer:
         parts += label_speed_section(longer) + [""]
-    with_faiss = read_json("label_speed_faiss")  # faiss ivf's per-feature queries beside
+    with_faiss = [d for d in map(read_json, FAISS_RESULTS) if d]  # faiss ivf's queries too
     if with_faiss:
-        parts += [FAISS_CAPTION, "", *label_speed_section(with_faiss), ""]
+        parts += [FAISS_CAPTION, ""]
+        for data in with_faiss:
+            parts += label_speed_section(data) + [""]
     layouts = [d for d in map(read_json, ROW_ORDER_RESULTS) if d]
     if layouts:
         parts += [ROW_ORDER_CAPTION, ""]
