@@ -51,6 +51,7 @@ from hf_softmax.samplers import build_sampler  # noqa: E402
 log = logging.getLogger("bench.build_stall")
 
 LR = 0.1
+BUILD_KNOB = {"annoy": "n_jobs", "faiss": "threads"}  # an index's build threads (hnsw: 1)
 FAR = 10**9  # an interval no step reaches: rebuilds only when this benchmark asks
 
 
@@ -198,7 +199,7 @@ def run(
     indexes: tuple[str, ...] = ("annoy", "hnsw"), build_threads: tuple[int | None, ...] = (1,),
     queries: tuple[str, ...] = ("feature",), gc_freeze: bool = True, control: bool = False,
     repeat: int = 1, table_trees: tuple[int, ...] = (0,),
-    worker_memory: tuple[str, ...] = ("keep",),
+    worker_memory: tuple[str, ...] = ("keep",), extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Every build_threads value (None: the worker's default rule) side by side, in turn,
     ``repeat`` times over (each row notes its ``repeat``); label queries once per
@@ -210,7 +211,11 @@ def run(
         for rep in range(repeat):
             for name in indexes:
                 for bt in build_threads:
-                    knobs = {"n_jobs": bt or -1} if name == "annoy" else {"num_threads": 1}
+                    own = knobs_for(name, extra or {})
+                    knobs = ({BUILD_KNOB[name]: bt or -1} if name in BUILD_KNOB
+                             else {"num_threads": 1}) | own  # fmt: skip
+                    shown = name + (f" ({', '.join(f'{k} {v}' for k, v in own.items())})"
+                                    if own else "")  # fmt: skip
                     settings = [(q, t) for q in queries
                                 for t in (table_trees if q == "label" else (0,))]  # fmt: skip
                     for (query, trees), mode, memory in itertools.product(
@@ -220,11 +225,31 @@ def run(
                                              query=query, gc_freeze=gc_freeze, control=control,
                                              worker_memory=memory, **knobs,
                                              **({"table_trees": trees} if trees else {})),
-                                     "repeat": rep})  # fmt: skip
+                                     "repeat": rep, "index": shown})  # fmt: skip
                         free_memory()
         del w
         free_memory()
     return {"rows": rows, "meta": clock.meta(dim=dim, build_threads=list(build_threads))}
+
+
+def knobs_for(name: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """The ``--knobs`` that apply to index ``name``: "key" to every index, "name:key" to it."""
+    out = {}
+    for key, value in extra.items():
+        index, sep, own = key.rpartition(":")
+        if not sep or index == name:
+            out[own] = value
+    return out
+
+
+def knob(text: str) -> tuple[str, Any]:
+    """``--knobs`` item "key=value" -> (key, value as YAML reads it: 1 -> int, ivf -> str)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--knobs: expected KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -251,13 +276,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--worker-memory", nargs="+", default=["keep"], choices=["keep", "release"],
                    help="process: the worker's memory between builds, several side by side "
                         "(callbacks.index_rebuild.worker_memory)")  # fmt: skip
+    p.add_argument("--knobs", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="sampler knobs: key=value for every index, index:key=value for one, "
+                        "e.g. faiss:nprobe=1")  # fmt: skip
     p.add_argument("--out", default="build_stall")
     args = p.parse_args(argv)
     setup_run(args.threads)
     threads = tuple(t or None for t in args.build_threads)
     data = run(args.n, args.d, tuple(args.modes), tuple(args.indexes), threads,
                tuple(args.queries), args.gc_freeze, args.control, args.repeat,
-               tuple(args.table_trees), tuple(args.worker_memory))  # fmt: skip
+               tuple(args.table_trees), tuple(args.worker_memory),
+               dict(map(knob, args.knobs)))  # fmt: skip
     write_json(args.out, data)
     print(render(data))
     if args.repeat > 1 or len(threads) > 1 or len(args.worker_memory) > 1:

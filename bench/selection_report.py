@@ -54,6 +54,7 @@ STALL_REPEATS = (
     ("build_stall_steal", "Feature mode and the table alone, the VM's steal recorded"),
     ("build_stall_worker_memory", "The worker keeping its memory between builds, or not"),
     ("build_stall_worker_memory_label", "The same in label mode, three runs more"),
+    ("build_stall_faiss", "Feature mode with faiss ivf (`nprobe` 1) beside annoy"),
 )
 
 

@@ -85,6 +85,18 @@ def test_stall_times_a_label_build_of_the_table_alone():
     assert table.splitlines()[0].endswith("| worker resident after |")
 
 
+def test_stall_knobs_go_to_every_index_or_to_the_one_named():
+    """``bench.build_stall --knobs nprobe=1 faiss:m=16``: "key=value" for every index,
+    "index:key=value" for that index alone; values read as YAML; a malformed item exits."""
+    from bench.build_stall import knob, knobs_for
+
+    extra = dict(map(knob, ["faiss:nprobe=1", "search_k=-1", "faiss:index=ivf"]))
+    assert knobs_for("faiss", extra) == {"nprobe": 1, "search_k": -1, "index": "ivf"}
+    assert knobs_for("annoy", extra) == {"search_k": -1}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        knob("nprobe")
+
+
 def test_stall_summary_gives_each_setting_its_median_and_range():
     """``bench.build_stall --repeat``: one line per N and build threads over the runs."""
     from bench.stall_report import summary
