@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import gc
 
+from hf_softmax.index_files import available_bytes
+
 
 def _proc_status_kb(key: str) -> int:
     with open("/proc/self/status") as fh:
@@ -75,14 +77,8 @@ class PeakMemory:
 
 def mem_available() -> int:
     """MemAvailable of the machine (bytes); huge where /proc/meminfo is unavailable."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
+    available = available_bytes()
+    return 1 << 62 if available is None else available
 
 
 def free_memory() -> None:

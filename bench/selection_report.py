@@ -55,6 +55,8 @@ STALL_REPEATS = (
     ("build_stall_worker_memory", "The worker keeping its memory between builds, or not"),
     ("build_stall_worker_memory_label", "The same in label mode, three runs more"),
     ("build_stall_faiss", "Feature mode with faiss ivf (`nprobe` 1) beside annoy"),
+    ("build_stall_faiss_in_memory", "The same, faiss's index read into the trainer's memory"),
+    ("build_stall_faiss_one_query_thread", "faiss in memory with one query thread"),
 )
 
 

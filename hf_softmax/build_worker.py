@@ -17,7 +17,8 @@ release the GIL):
    hnsw ``num_threads``, faiss ``threads``; faiss on the CPU; the maintainer's default:
    the cores torch's threads leave free, ``index_build.worker_threads``), and saves it to a
    file;
-3. the trainer loads the file (``index_files.load_index``: annoy and faiss ivf mmapped);
+3. the trainer loads the file (``index_files.load_index``: annoy mmapped, faiss read into
+   memory where it fits a quarter of the available memory, else its ivf lists mmapped);
    the maintainer swaps it in at the next step start. hnswlib reads a graph whole under the
    GIL, so hnsw in feature mode builds in a thread (``index_build.background_mode``). In
    label mode (``sampler.query=label``) the worker hands back only the class-neighbour

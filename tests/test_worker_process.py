@@ -261,3 +261,24 @@ def test_a_keeping_worker_holds_its_build_memory_for_the_next_build(memory):
         assert resident[1] < resident[0] + 8 * 1024  # the second build reused the first's
     finally:
         worker.close()
+
+
+def test_a_faiss_index_file_loads_into_memory_where_it_fits_else_mmapped(tmp_path):
+    """``load_index``: a faiss ivf file is read into memory when it takes at most a quarter
+    of the available memory (mmapped, faiss searched its lists 2x slower), else its lists
+    are mmapped; either way it finds what the index it was saved from finds."""
+    from hf_softmax.index_files import faiss_in_memory, load_index, save_index
+    from hf_softmax.samplers.faiss import FaissSampler
+
+    assert faiss_in_memory(1 << 30, 8 << 30) and not faiss_in_memory(3 << 30, 8 << 30)
+    assert not faiss_in_memory(1, None)  # available memory unknown: mmap
+    rows = np.random.default_rng(5).standard_normal((2000, 16)).astype(np.float32)
+    sampler = FaissSampler(2000, 40, nlist=20, nprobe=4, threads=1, device="cpu")
+    index = sampler.build_index(rows)
+    kind, info = save_index(index, tmp_path / "ivf")
+    loaded = load_index(kind, tmp_path / "ivf", info, "ip")  # a few KB: into memory
+    lists = sampler.faiss.downcast_InvertedLists(sampler.faiss.extract_index_ivf(loaded).invlists)
+    assert type(lists).__name__ == "ArrayInvertedLists"
+    feats = rows[:64] + 0.1
+    found = sampler.query_index(loaded, feats, 5)
+    assert np.array_equal(found, sampler.query_index(index, feats, 5))
