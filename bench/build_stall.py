@@ -46,6 +46,7 @@ from hf_softmax.classifier import SampledClassifier  # noqa: E402
 from hf_softmax.heads import build_head  # noqa: E402
 from hf_softmax.index_build import worker_threads  # noqa: E402
 from hf_softmax.index_maintainer import IndexMaintainer  # noqa: E402
+from hf_softmax.rebuild_settings import WORKER_MEMORY  # noqa: E402
 from hf_softmax.samplers import build_sampler  # noqa: E402
 
 log = logging.getLogger("bench.build_stall")
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="no gc freeze (train.py's callbacks.gc_freeze)")  # fmt: skip
     p.add_argument("--control", action="store_true",
                    help="then as many steps with no build (the machine's own)")  # fmt: skip
-    p.add_argument("--worker-memory", nargs="+", default=["keep"], choices=["keep", "release"],
+    p.add_argument("--worker-memory", nargs="+", default=["keep"], choices=WORKER_MEMORY,
                    help="process: the worker's memory between builds, several side by side "
                         "(callbacks.index_rebuild.worker_memory)")  # fmt: skip
     p.add_argument("--knobs", nargs="*", default=[], metavar="KEY=VALUE",

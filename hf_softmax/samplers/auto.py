@@ -119,8 +119,8 @@ class AutoSampler(Sampler):
         n, d = (int(x) for x in shape)
         if self.backend is not None:
             return None
-        if target_recall is None or len(self.candidates) < 2 or n * d <= self.exact_max_elements:
-            raceable = len(self.candidates) > 1 and n * d > self.exact_max_elements
+        raceable = len(self.candidates) > 1 and n * d > self.exact_max_elements
+        if target_recall is None or not raceable:
             self.choose(n, d, why=_NO_TARGET if raceable else "")
             return None
         found = []
